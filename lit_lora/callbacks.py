@@ -1,0 +1,67 @@
+"""Callbacks the CLI turns on by default."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that writes into the run's own folder (``checkpoints/<name>/version_N/``).
+
+    What goes into each file is decided by `LoRAImageClassifier.on_save_checkpoint`: the trainable weights
+    (adapters and head), optimizer, scheduler and loop state, and the hyperparameters, never the frozen base.
+    Defaults follow the guide: keep the best by ``val/acc`` and the last one.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = "epoch={epoch}-val_acc={val/acc:.4f}",
+        monitor: str | None = "val/acc",
+        mode: str = "max",
+        save_top_k: int = 1,
+        save_last: bool | None = True,
+        auto_insert_metric_name: bool = False,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        """Choose what is kept.
+
+        Args:
+            dirpath: folder for the checkpoints; by default the run's log folder (``checkpoints/<name>/version_N``).
+            filename: file name pattern of the kept checkpoints.
+            monitor: metric that ranks checkpoints.
+            mode: ``max`` or ``min`` of ``monitor``.
+            save_top_k: how many of the best checkpoints to keep.
+            save_last: also keep ``last.ckpt``, the one to resume from.
+            auto_insert_metric_name: prefix metric values with their names in ``filename``.
+            every_n_epochs: save every N epochs (default: every validation).
+            every_n_train_steps: save every N optimizer steps as well.
+            verbose: say when a checkpoint is written.
+        """
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            save_last=save_last,
+            auto_insert_metric_name=auto_insert_metric_name,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            verbose=verbose,
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None and trainer.loggers and trainer.log_dir:
+            self.dirpath = trainer.log_dir
+        with warnings.catch_warnings():
+            # The run folder already holds config.yaml and hparams.yaml; only old checkpoints deserve a warning.
+            if self.dirpath and not any(Path(self.dirpath).glob("*.ckpt")):
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)

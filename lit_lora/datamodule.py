@@ -1,0 +1,239 @@
+"""`Food101DataModule`: Food-101 (or any labelled image folder or `datasets` dataset) for Lightning."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lit_lora import demo
+from lit_lora.images import FileTable, ImageDataset, ImageTable
+from lit_lora.sources import ImageSource, is_image_file, open_source
+from lit_lora.splits import stratified_split
+from lit_lora.transforms import (
+    DEFAULT_MEAN,
+    DEFAULT_SIZE,
+    DEFAULT_STD,
+    ImageSettings,
+    eval_transform,
+    normalize_on_device,
+    settings_from_processor,
+    train_transform,
+)
+
+
+def default_num_workers() -> int:
+    """One loader worker per CPU core this process may use, at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 16))
+
+
+class Food101DataModule(pl.LightningDataModule):
+    """Food-101 the way the PEFT LoRA guide uses it, from the hub or from local files.
+
+    Training images come from ``train_split``; a seeded, stratified ``val_size`` share of them is held out for
+    validation. The test split is the source's official one (Food-101's ``test.txt``, the hub's ``validation``).
+    """
+
+    def __init__(
+        self,
+        dataset: str | None = "ethz/food101",
+        data_dir: str | None = None,
+        train_split: str = "train[:5000]",
+        test_split: str | None = None,
+        val_size: float = 0.1,
+        seed: int = 42,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        image_processor: str | None = None,
+        image_size: int | None = None,
+        image_mean: tuple[float, float, float] | None = None,
+        image_std: tuple[float, float, float] | None = None,
+        predict_dir: str | list[str] | None = None,
+    ) -> None:
+        """Describe where the images are and how they are batched.
+
+        Args:
+            dataset: a hub dataset id (e.g. ``ethz/food101``) or any path ``datasets.load_dataset`` accepts,
+                or a folder written by ``Dataset.save_to_disk``. Ignored when ``data_dir`` is set.
+            data_dir: a local folder in Food-101's archive layout (``images/<class>/<id>.jpg`` plus
+                ``meta/classes.txt``, ``meta/train.txt``, ``meta/test.txt``) or of class folders
+                (``<class>/<image>``, optionally under ``train/`` and ``test/``). Takes precedence over ``dataset``.
+            train_split: which training images to use, in `datasets` slicing syntax (``train[:5000]``, ``train[:10%]``).
+            test_split: split used by ``test``; by default the source's official test split.
+            val_size: share of the selected training images held out for validation (stratified by class).
+            seed: seed of the train/validation split.
+            batch_size: images per training batch (per process).
+            eval_batch_size: images per validation/test/predict batch; defaults to ``batch_size``.
+            num_workers: loader worker processes; defaults to the number of CPU cores available (at most 16).
+            pin_memory: pin host memory of batches for faster copies to the GPU.
+            persistent_workers: keep workers alive between epochs.
+            image_processor: model id or folder whose image processor gives size, mean and std. The CLI links
+                this to ``model.model_name_or_path``, so it is never configured twice.
+            image_size: overrides the processor's crop size.
+            image_mean: overrides the processor's per-channel mean.
+            image_std: overrides the processor's per-channel std.
+            predict_dir: folder searched recursively for images (or a list of image files) for ``predict``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.data_dir = demo.resolve(data_dir) if data_dir else None
+        self.train_split = train_split
+        self.test_split = test_split
+        self.val_size = val_size
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.predict_dir = predict_dir
+
+        processor = settings_from_processor(demo.resolve(image_processor)) if image_processor else None
+        self.image_settings = ImageSettings(
+            image_size or (processor.size if processor else DEFAULT_SIZE),
+            tuple(image_mean or (processor.mean if processor else DEFAULT_MEAN)),
+            tuple(image_std or (processor.std if processor else DEFAULT_STD)),
+        )
+        self._check()
+        self.source: ImageSource | None = None
+        if self.data_dir or self.dataset:
+            self.source = open_source(self.dataset, self.data_dir)
+            rank_zero_info(f"[lit_lora] data: {self.source.summary()}")
+            if len(self.source.class_names) < 2:
+                raise ValueError(f"{self.source.location} has {len(self.source.class_names)} class(es); need at least 2.")
+        self.train_table: ImageTable | None = None
+        self.val_table: ImageTable | None = None
+        self.test_table: ImageTable | None = None
+        self.predict_table: FileTable | None = None
+        self._normalization: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _check(self) -> None:
+        problems = []
+        if not 0.0 < self.val_size < 1.0:
+            problems.append(f"val_size must be between 0 and 1 (exclusive), got {self.val_size}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
+        if problems:
+            raise ValueError("Food101DataModule: " + "; ".join(problems) + ".")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Label names of the source, index = label id (linked into the model by the CLI)."""
+        if self.source is None:
+            raise ValueError("no data source: set data_dir or dataset.")
+        return list(self.source.class_names)
+
+    def setup(self, stage: str) -> None:
+        """Select and split the images needed for ``stage`` (nothing is decoded here)."""
+        if stage in ("fit", "validate") and self.train_table is None:
+            selected = self._require_source().select(self.train_split)
+            if len(selected) == 0:
+                raise ValueError(f"train_split {self.train_split!r} selects no image from {self.source.location}.")
+            self._warn_if_classes_missing(selected)
+            train_rows, val_rows = stratified_split(selected.labels, self.val_size, self.seed)
+            if not val_rows or not train_rows:
+                raise ValueError(
+                    f"val_size {self.val_size} of {len(selected)} images leaves an empty train or validation set."
+                )
+            self.train_table, self.val_table = selected.subset(train_rows), selected.subset(val_rows)
+            rank_zero_info(
+                f"[lit_lora] {self.train_split}: {len(self.train_table)} train / {len(self.val_table)} validation "
+                f"images (val_size={self.val_size}, seed={self.seed})"
+            )
+        if stage == "test" and self.test_table is None:
+            source = self._require_source()
+            split = self.test_split or source.test_split
+            if split is None:
+                raise ValueError(
+                    f"{source.location} has no test split (splits: {list(source.split_sizes)}); set --data.test_split."
+                )
+            self.test_table = source.select(split)
+        if stage == "predict" and self.predict_table is None:
+            self.predict_table = self._predict_files()
+
+    def _require_source(self) -> ImageSource:
+        if self.source is None:
+            raise ValueError("no data source: set --data.data_dir (a local folder) or --data.dataset.")
+        return self.source
+
+    def _warn_if_classes_missing(self, table: ImageTable) -> None:
+        present = Counter(table.labels)
+        if len(present) < len(self.class_names):
+            rank_zero_warn(
+                f"train_split {self.train_split!r} covers {len(present)} of {len(self.class_names)} classes: "
+                "the source lists its images grouped by class, so a leading slice misses the later ones. "
+                "Use a percentage or the whole split if every class should be seen."
+            )
+
+    def _predict_files(self) -> FileTable:
+        if not self.predict_dir:
+            raise ValueError("predict needs images: set --data.predict_dir to a folder or a list of image files.")
+        entries = [self.predict_dir] if isinstance(self.predict_dir, str) else list(self.predict_dir)
+        paths: list[str] = []
+        for entry in entries:
+            path = Path(entry).expanduser()
+            if path.is_dir():
+                paths += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            elif path.is_file():
+                paths.append(str(path))
+            else:
+                raise FileNotFoundError(f"predict_dir entry {entry!r} does not exist.")
+        if not paths:
+            raise ValueError(f"predict_dir {self.predict_dir!r} holds no image files.")
+        return FileTable(paths, [-1] * len(paths))
+
+    def _loader(self, table: ImageTable | None, train: bool) -> DataLoader:
+        assert table is not None, "setup() was not called for this stage"
+        transform = train_transform(self.image_settings) if train else eval_transform(self.image_settings)
+        return DataLoader(
+            ImageDataset(table, transform),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented batches of uint8 images."""
+        return self._loader(self.train_table, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Deterministic batches of the held-out training images."""
+        return self._loader(self.val_table, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Deterministic batches of the test split."""
+        return self._loader(self.test_table, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Deterministic batches of the images under ``predict_dir``, in sorted path order."""
+        return self._loader(self.predict_table, train=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Turn uint8 pixels into normalised float pixels, on the device the batch now lives on."""
+        pixels = batch["pixel_values"]
+        if pixels.device not in self._normalization:  # one host-to-device copy per device, not per batch
+            self._normalization[pixels.device] = (
+                torch.tensor(self.image_settings.mean, device=pixels.device),
+                torch.tensor(self.image_settings.std, device=pixels.device),
+            )
+        batch["pixel_values"] = normalize_on_device(pixels, *self._normalization[pixels.device])
+        return batch

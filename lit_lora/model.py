@@ -1,0 +1,220 @@
+"""`LoRAImageClassifier`: a transformers image classifier with LoRA adapters, as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_lora import demo
+from lit_lora.lora import apply_lora, trainable_summary
+
+# Hyperparameters that fix the shape of the trainable weights: a checkpoint only loads where they agree.
+LAYOUT_HPARAMS = ("model_name_or_path", "class_names", "r", "target_modules", "modules_to_save", "lora_options")
+
+
+def load_base_model(model_name_or_path: str, class_names: Sequence[str]) -> torch.nn.Module:
+    """Load a transformers image classifier with a fresh head for ``class_names`` (the guide's call).
+
+    Raises:
+        ValueError: the model cannot be found, or is not an image classifier.
+    """
+    from transformers import AutoModelForImageClassification
+
+    label2id = {name: i for i, name in enumerate(class_names)}
+    try:
+        return AutoModelForImageClassification.from_pretrained(
+            demo.resolve(model_name_or_path),
+            num_labels=len(class_names),
+            label2id=label2id,
+            id2label={i: name for name, i in label2id.items()},
+            ignore_mismatched_sizes=True,
+        )
+    except OSError as err:
+        raise ValueError(
+            f"model {model_name_or_path!r} could not be loaded: {err}. Use a hub id that is in the local cache "
+            "(offline) or a folder written by save_pretrained (config.json + model.safetensors)."
+        ) from err
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "AutoModelForImageClassification" in str(err):
+            raise ValueError(
+                f"model {model_name_or_path!r} is not an image classifier that AutoModelForImageClassification "
+                f"can load ({err.args[0].splitlines()[0]}). Use e.g. a ViT, DeiT, Swin or DINOv2 checkpoint."
+            ) from err
+        raise
+
+
+class LoRAImageClassifier(pl.LightningModule):
+    """Fine-tune a transformers image classifier with LoRA: only the adapters and the head are trained."""
+
+    def __init__(
+        self,
+        model_name_or_path: str = "google/vit-base-patch16-224-in21k",
+        class_names: list[str] | None = None,
+        r: int = 16,
+        lora_alpha: int = 16,
+        target_modules: list[str] | str = ("query", "value"),
+        lora_dropout: float = 0.1,
+        bias: Literal["none", "all", "lora_only"] = "none",
+        modules_to_save: list[str] | None = ("classifier",),
+        lora_options: dict[str, Any] | None = None,
+        learning_rate: float = 5e-3,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_epsilon: float = 1e-8,
+        lr_scheduler_type: str = "linear",
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+    ) -> None:
+        """Build the model: load the base classifier, add LoRA, freeze everything else.
+
+        Args:
+            model_name_or_path: hub id or local folder of an ``AutoModelForImageClassification`` checkpoint.
+            class_names: label names, index = label id. The CLI links them from the data module.
+            r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (scale = lora_alpha / r).
+            target_modules: layers that get adapters. The guide's ``query``/``value`` are mapped to what the
+                architecture calls them (``q_proj``/``v_proj`` in transformers 5); a string is a regex.
+            lora_dropout: dropout on the adapter input.
+            bias: which biases train: ``none``, ``all`` or ``lora_only``.
+            modules_to_save: modules trained in full and saved with the adapter (the new classifier head).
+            lora_options: any other ``peft.LoraConfig`` option, e.g. ``{use_dora: true}`` or ``{use_rslora: true}``.
+            learning_rate: AdamW peak learning rate.
+            weight_decay: AdamW weight decay, applied to weight matrices only (not biases or norms).
+            adam_betas: AdamW betas.
+            adam_epsilon: AdamW epsilon.
+            lr_scheduler_type: any ``transformers.get_scheduler`` name: ``linear`` (the guide's), ``cosine``,
+                ``constant``, ``constant_with_warmup``, ...
+            warmup_steps: optimizer steps of linear warmup (takes precedence over ``warmup_ratio``).
+            warmup_ratio: warmup as a share of all optimizer steps.
+        """
+        super().__init__()
+        if not class_names or len(class_names) < 2:
+            raise ValueError(
+                "LoRAImageClassifier needs class_names (at least 2); the CLI links them from the data module, "
+                "in Python pass class_names=datamodule.class_names."
+            )
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        self.model = apply_lora(
+            load_base_model(model_name_or_path, self.class_names),
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            modules_to_save=list(modules_to_save) if modules_to_save else None,
+            options=lora_options,
+        )
+        self.model.train()  # from_pretrained returns eval mode; train like the guide's Trainer does
+        # Checkpoints hold the trainable weights only; the frozen base is rebuilt from model_name_or_path.
+        self.strict_loading = False
+        num_classes = len(self.class_names)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=num_classes, top_k=1),
+                "acc_top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes)),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits for normalised pixels of shape (N, 3, H, W)."""
+        return self.model(pixel_values=pixel_values).logits
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"[lit_lora] {trainable_summary(self.model)}")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["pixel_values"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.train_metrics.update(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
+        logits = self(batch["pixel_values"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        loss_metric.update(loss, weight=batch["labels"].numel())
+        metrics.update(logits, batch["labels"])
+        self.log(f"{stage}/loss", loss_metric, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, self.val_loss, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, self.test_loss, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities of each image, with its index in the prediction set."""
+        return {"index": batch["index"], "probs": self(batch["pixel_values"]).float().softmax(dim=-1)}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters, with a per-step ``transformers`` schedule (linear decay by default)."""
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total_steps)
+        scheduler = get_scheduler(hp.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: trainable weights only -------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that training changes (adapters and ``modules_to_save``), keyed as in ``state_dict()``."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen base weights: they are rebuilt from ``model_name_or_path`` on load."""
+        trainable = self.trainable_state_dict().keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which."""
+        saved = checkpoint.get("state_dict", {})
+        expected = self.trainable_state_dict()
+        mismatched = sorted(
+            set(saved) ^ set(expected)
+            | {k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape}
+        )
+        theirs = checkpoint.get("hyper_parameters", {})
+        differences = [
+            f"{key}: checkpoint has {theirs.get(key)!r}, this model {self.hparams.get(key)!r}"
+            for key in LAYOUT_HPARAMS
+            if key in theirs and _plain(theirs.get(key)) != _plain(self.hparams.get(key))
+        ]
+        if not mismatched and not differences:
+            return
+        detail = "; ".join(differences) if differences else f"{len(mismatched)} weights differ, e.g. {mismatched[:3]}"
+        raise ValueError(
+            f"this checkpoint was made for a different model ({detail}). Load it with the settings it was trained "
+            "with (they are in its hyper_parameters), or start from a matching checkpoint."
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Compare lists and tuples alike (YAML gives lists, defaults are tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value

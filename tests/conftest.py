@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models saved with save_pretrained and generated images, all in temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers/datasets are imported anywhere: nothing in the tests may touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lit_lora.demo import build_tiny_vit, shape_image
+
+CLASSES = ("tomato", "matcha", "blueberry", "banana")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "lit_lora_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 4-layer ViT (32 px input) and its image processor, saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    build_tiny_vit(folder)
+    return str(folder)
+
+
+def write_images(folder: Path, class_name: str, count: int, rng: np.random.Generator, start: int = 0) -> list[str]:
+    """Write ``count`` learnable JPEGs of ``class_name`` into ``folder``; return their stems."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stems = []
+    for i in range(start, start + count):
+        Image.fromarray(shape_image(class_name, rng)).save(folder / f"{i:04d}.jpg")
+        stems.append(f"{i:04d}")
+    return stems
+
+
+def make_food101(root: Path, train_per_class: int = 12, test_per_class: int = 4, seed: int = 0) -> Path:
+    """A Food-101 archive layout (images/<class>/<id>.jpg, meta/*.txt) with one grayscale image."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for name in CLASSES:
+        stems = write_images(root / "images" / name, name, train_per_class + test_per_class, rng)
+        train += [f"{name}/{s}" for s in stems[:train_per_class]]
+        test += [f"{name}/{s}" for s in stems[train_per_class:]]
+    gray = root / "images" / CLASSES[0] / "0000.jpg"
+    Image.open(gray).convert("L").save(gray)
+    (root / "meta").mkdir()
+    (root / "meta" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "meta" / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "meta" / "test.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def food101_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """4 classes, 12 training and 4 test images each, in Food-101's archive layout."""
+    return str(make_food101(tmp_path_factory.mktemp("food101")))
+
+
+@pytest.fixture(scope="session")
+def class_folders_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Plain <class>/<image> folders: 4 classes with 6 images each."""
+    root = tmp_path_factory.mktemp("class-folders")
+    rng = np.random.default_rng(1)
+    for name in CLASSES:
+        write_images(root / name, name, 6, rng)
+    return str(root)

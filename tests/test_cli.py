@@ -1,0 +1,144 @@
+"""The real command line, end to end: fit -> validate -> test on a tiny ViT and generated images."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_lora.cli import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def common_args(tiny_vit: str, food101_dir: str) -> list[str]:
+    return [
+        f"--model.model_name_or_path={tiny_vit}",
+        f"--data.data_dir={food101_dir}",
+        "--data.train_split=train",
+        "--data.val_size=0.25",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir=checkpoints",
+        "--trainer.logger.init_args.name=run",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+        "--seed_everything=0",
+    ]
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_fit_validate_test_through_the_cli(in_tmp: Path, tiny_vit: str, food101_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    args = common_args(tiny_vit, food101_dir)
+    cli = cli_main(["fit", *args, "--trainer.max_epochs=6", "--model.learning_rate=0.01"])
+
+    run = in_tmp / "checkpoints" / "run" / "version_0"
+    assert sorted(p.name for p in run.glob("*.ckpt"))[-1] == "last.ckpt"
+    best = Path(cli.trainer.checkpoint_callback.best_model_path).resolve()
+    assert best.parent == run and best.name.startswith("epoch=")
+    assert (run / "config.yaml").exists() and (run / "hparams.yaml").exists()
+
+    # The guide's trainable-parameter line is logged at the start of fit.
+    assert "[lit_lora] trainable params: 16644 || all params: 164424 || trainable%: 10.12" in caplog.text
+
+    # Labels were linked from the data into the model and saved with it.
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert hparams["class_names"] == ["tomato", "matcha", "blueberry", "banana"]
+    assert cli.model.model.config.id2label[2] == "blueberry"
+
+    # Validation accuracy rises well above chance (0.25 for 4 classes) and every metric is logged.
+    rows = read_metrics(run / "metrics.csv")
+    val_acc = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert len(val_acc) == 6
+    assert max(val_acc) >= 0.75
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_top5"} <= set(rows[0])
+
+    # Checkpoints hold the trainable weights only: LoRA matrices and the classifier head.
+    checkpoint = torch.load(run / "last.ckpt", weights_only=False)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all("lora_" in k or "modules_to_save" in k for k in keys)
+    assert sum(t.numel() for t in checkpoint["state_dict"].values()) == sum(
+        p.numel() for p in cli.model.parameters() if p.requires_grad
+    )
+    assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
+
+    # validate on the best checkpoint reproduces the accuracy it was saved for.
+    best_acc = float(cli.trainer.checkpoint_callback.best_model_score)
+    validated = cli_main(["validate", *args, f"--ckpt_path={best}"])
+    assert validated.trainer.callback_metrics["val/acc"].item() == pytest.approx(best_acc, abs=1e-6)
+
+    tested = cli_main(["test", *args, f"--ckpt_path={best}"])
+    metrics = tested.trainer.callback_metrics
+    assert {"test/acc", "test/acc_top5", "test/loss"} <= set(metrics)
+    assert metrics["test/acc"].item() > 0.5  # 16 official test images of 4 learnable classes
+
+
+def test_checkpoint_for_other_labels_is_refused_with_the_reason(in_tmp: Path, tiny_vit: str, food101_dir: str, class_folders_dir: str) -> None:
+    args = common_args(tiny_vit, food101_dir)
+    cli = cli_main(["fit", *args, "--trainer.max_epochs=1"])
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    other = [a for a in args if not a.startswith("--data.data_dir")] + [f"--data.data_dir={class_folders_dir}"]
+    with pytest.raises(ValueError, match=r"different model \(class_names: checkpoint has \['tomato'"):
+        cli_main(["validate", *other, f"--ckpt_path={last}"])
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["target_modules"] == ["query", "value"]
+    # Linked, not configured twice: the image processor follows the model, the labels follow the data.
+    assert "image_processor" not in printed["data"] and "class_names" not in printed["model"]
+
+
+RECIPE_MODEL = {
+    "model_name_or_path": "google/vit-base-patch16-224-in21k",
+    "r": 16,
+    "lora_alpha": 16,
+    "target_modules": ["query", "value"],
+    "lora_dropout": 0.1,
+    "bias": "none",
+    "modules_to_save": ["classifier"],
+    "learning_rate": 0.005,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0,
+}
+
+
+def test_recipe_config_is_the_guides() -> None:
+    recipe = yaml.safe_load((REPO / "configs" / "food101_vit_lora.yaml").read_text())
+    assert {k: recipe["model"][k] for k in RECIPE_MODEL} == RECIPE_MODEL
+    assert recipe["data"]["train_split"] == "train[:5000]" and recipe["data"]["val_size"] == 0.1
+    assert recipe["data"]["batch_size"] == 128
+    assert recipe["trainer"]["accumulate_grad_batches"] == 4
+    assert recipe["trainer"]["precision"] == "16-mixed" and recipe["trainer"]["max_epochs"] == 5
+    assert recipe["checkpoint"]["monitor"] == "val/acc" and recipe["checkpoint"]["mode"] == "max"
+
+
+def test_help_describes_the_projects_options() -> None:
+    result = subprocess.run([sys.executable, "-m", "lit_lora", "fit", "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "--model.r R LoRA rank." in text
+    assert "in `datasets` slicing syntax" in text
+    assert "--checkpoint.monitor MONITOR metric that ranks checkpoints." in text

@@ -1,0 +1,162 @@
+"""Data sources, slicing, the seeded split, RGB conversion, and the batches the data module produces."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from lit_lora import Food101DataModule
+from lit_lora.images import to_rgb
+from lit_lora.sources import open_hf_dataset, open_local_folder
+from lit_lora.splits import slice_indices, stratified_split
+
+from conftest import CLASSES
+
+
+def test_food101_archive_layout_is_detected(food101_dir: str) -> None:
+    source = open_local_folder(food101_dir)
+    assert source.kind == "Food-101 archive layout"
+    assert source.class_names == list(CLASSES)
+    assert source.split_sizes == {"train": 48, "test": 16}
+    assert source.test_split == "test"
+    table = source.select("train[:5]")
+    assert [Path(p).relative_to(food101_dir).as_posix() for p in table.paths] == [
+        f"images/tomato/{i:04d}.jpg" for i in range(5)
+    ]
+    assert table.labels == [0] * 5
+
+
+def test_class_folders_are_detected(class_folders_dir: str) -> None:
+    source = open_local_folder(class_folders_dir)
+    assert source.kind == "class folders"
+    assert source.class_names == sorted(CLASSES)
+    assert source.split_sizes == {"train": 24}
+    assert source.test_split is None
+    assert Counter(source.select("train").labels) == {i: 6 for i in range(4)}
+
+
+def test_class_folders_per_split_are_detected(tmp_path: Path, class_folders_dir: str) -> None:
+    for split in ("train", "test"):
+        (tmp_path / split).symlink_to(class_folders_dir, target_is_directory=True)
+    source = open_local_folder(tmp_path)
+    assert source.kind == "class folders per split"
+    assert source.split_sizes == {"test": 24, "train": 24}
+    assert source.test_split == "test"
+
+
+def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) -> None:
+    import datasets
+
+    paths = sorted(Path(class_folders_dir).rglob("*.jpg"))
+    names = sorted(CLASSES)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    rows = {"image": [str(p) for p in paths], "label": [names.index(p.parent.name) for p in paths]}
+    full = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(train=full.select(range(20)), validation=full.select(range(20, 24))).save_to_disk(tmp_path / "ds")
+
+    source = open_hf_dataset(str(tmp_path / "ds"))
+    assert source.kind == "`datasets` dataset on disk"
+    assert source.class_names == names
+    assert source.split_sizes == {"train": 20, "validation": 4}
+    assert source.test_split == "validation"  # as on the hub, where Food-101's test split is "validation"
+    table = source.select("train[:50%]")
+    assert len(table) == 10 and table.labels == rows["label"][:10]
+    assert to_rgb(Image.open(paths[0])).tobytes() == table.load(0).tobytes()
+
+    module = Food101DataModule(dataset=str(tmp_path / "ds"), train_split="train", val_size=0.25, num_workers=0)
+    assert module.class_names == names
+    module.setup("test")
+    assert len(module.test_table) == 4
+
+
+def test_slicing_follows_datasets_grammar() -> None:
+    sizes = {"train": 200, "test": 50}
+    assert slice_indices("train[:5]", sizes) == {"train": [0, 1, 2, 3, 4]}
+    assert slice_indices("train[-10%:]", sizes) == {"train": list(range(180, 200))}
+    assert slice_indices("train[:2]+test[:1]", sizes) == {"train": [0, 1], "test": [0]}
+    with pytest.raises(ValueError, match="Available splits"):
+        slice_indices("validation[:5]", sizes)
+
+
+def test_split_is_seeded_stratified_and_exact() -> None:
+    labels = [0] * 50 + [1] * 30 + [2] * 21
+    train, val = stratified_split(labels, 0.1, seed=42)
+    assert len(val) == 10 and len(train) == 91 and not set(train) & set(val)
+    assert sorted(train + val) == list(range(101))
+    assert Counter(labels[i] for i in val) == {0: 5, 1: 3, 2: 2}
+    assert stratified_split(labels, 0.1, seed=42) == (train, val)
+    assert stratified_split(labels, 0.1, seed=7)[1] != val
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        stratified_split(labels, 1.5, seed=0)
+
+
+def test_grayscale_and_other_modes_become_rgb(tmp_path: Path, food101_dir: str) -> None:
+    gray = Image.open(Path(food101_dir) / "images" / CLASSES[0] / "0000.jpg")
+    assert gray.mode == "L" and to_rgb(gray).mode == "RGB"
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # red
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.info["transparency"] = 1
+    assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)  # transparent pixels on white
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
+    rotated = Image.new("RGB", (6, 2), (1, 2, 3))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    rotated.save(tmp_path / "r.jpg", exif=exif)
+    assert to_rgb(Image.open(tmp_path / "r.jpg")).size == (2, 6)
+
+
+def test_batches_match_the_guides_torchvision_preprocessing(food101_dir: str, tiny_vit: str) -> None:
+    module = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, num_workers=0, image_processor=tiny_vit)
+    assert module.image_settings.size == 32 and module.image_settings.mean == (0.5, 0.5, 0.5)
+    module.setup("fit")
+    assert len(module.train_table) == 36 and len(module.val_table) == 12
+    assert Counter(module.val_table.labels) == {i: 3 for i in range(4)}
+
+    batch = next(iter(module.val_dataloader()))
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape[1:] == (3, 32, 32)
+    normalised = module.on_after_batch_transfer(dict(batch), 0)["pixel_values"]
+    guide = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    expected = torch.stack([guide(Image.open(p).convert("RGB")) for p in module.val_table.paths[: len(normalised)]])
+    torch.testing.assert_close(normalised, expected, atol=1e-6, rtol=0)
+
+    train_batch = next(iter(module.train_dataloader()))
+    assert train_batch["pixel_values"].shape == (36, 3, 32, 32)
+
+
+def test_split_is_the_same_for_every_data_module(food101_dir: str) -> None:
+    first = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, seed=3)
+    second = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, seed=3)
+    first.setup("fit")
+    second.setup("fit")
+    assert first.val_table.paths == second.val_table.paths
+
+
+def test_leading_slice_of_class_sorted_listing_warns(food101_dir: str) -> None:
+    module = Food101DataModule(data_dir=food101_dir, train_split="train[:20]", num_workers=0)
+    with pytest.warns(UserWarning, match="covers 2 of 4 classes"):
+        module.setup("fit")
+
+
+def test_configuration_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="val_size must be between 0 and 1"):
+        Food101DataModule(data_dir=str(tmp_path), val_size=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Food101DataModule(data_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="neither in Food-101's archive layout .* nor a folder of class folders"):
+        Food101DataModule(data_dir=str(tmp_path))
+
+
+def test_default_workers_come_from_the_cpu_count(food101_dir: str) -> None:
+    import os
+
+    module = Food101DataModule(data_dir=food101_dir)
+    assert module.num_workers == min(len(os.sched_getaffinity(0)), 16) > 0
