@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_lora import demo
-from lit_lora.images import FileTable, ImageDataset, ImageTable
+from lit_lora.images import FileTable, ImageDataset, ImageTable, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import (
@@ -201,10 +201,20 @@ class Food101DataModule(pl.LightningDataModule):
     def _loader(self, table: ImageTable | None, train: bool) -> DataLoader:
         assert table is not None, "setup() was not called for this stage"
         transform = train_transform(self.image_settings) if train else eval_transform(self.image_settings)
+        sampler = None
+        if train:
+            sampler = SeededShuffleSampler(len(table), self.seed)
+            # Workers prefetch as soon as the iterator exists, before Lightning calls set_epoch: start at the
+            # epoch Lightning will pass (restored when resuming) so a resumed run does not replay epoch 0's order.
+            if self.trainer is not None:
+                sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return DataLoader(
             ImageDataset(table, transform),
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
+            # A private generator for worker seeds: loading never draws from the global random state, which
+            # LoRA dropout uses and checkpoints restore.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,

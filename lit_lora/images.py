@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,6 +99,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Pixels stay uint8 until they reach the device (see `Food101DataModule.on_after_batch_transfer`), which keeps
     worker-to-main-process traffic at a quarter of float32's.
+
+    A key may be a row index or ``(row, seed)`` as `SeededShuffleSampler` yields it: the random augmentation of
+    that item then depends on the seed alone, not on which process or worker draws it, so a resumed run sees
+    exactly the crops and flips an uninterrupted one would have seen.
     """
 
     def __init__(self, table: ImageTable, transform: Callable[[Image.Image], torch.Tensor]) -> None:
@@ -108,5 +112,39 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"pixel_values": self.transform(self.table.load(i)), "labels": self.table.labels[i], "index": i}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.table.load(i)
+        if seed is None:
+            pixels = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+                torch.manual_seed(seed)
+                pixels = self.transform(image)
+        return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
+
+
+class SeededShuffleSampler(torch.utils.data.Sampler):
+    """Shuffles rows anew each epoch as a pure function of ``(seed, epoch)``, and gives each item its own seed.
+
+    Lightning calls `set_epoch` before every epoch. Nothing here draws from the global random state, so the
+    order and the augmentations of epoch N are the same whether or not the run was interrupted before it.
+    """
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation (and the augmentation seeds) of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.num_rows,), generator=generator).tolist()
+        return iter(zip(order, seeds))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -164,8 +164,6 @@ class LoRAImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters, with a per-step ``transformers`` schedule (linear decay by default)."""
-        from transformers import get_scheduler
-
         hp = self.hparams
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [
@@ -175,9 +173,9 @@ class LoRAImageClassifier(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon
         )
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total_steps)
-        scheduler = get_scheduler(hp.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lazy_schedule(self, hp.lr_scheduler_type, hp.warmup_steps, hp.warmup_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints: trainable weights only -------------------------------------------------------------
@@ -191,6 +189,8 @@ class LoRAImageClassifier(pl.LightningModule):
         """Drop the frozen base weights: they are rebuilt from ``model_name_or_path`` on load."""
         trainable = self.trainable_state_dict().keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Lightning does not store random states; LoRA dropout needs them for an exact resume.
+        checkpoint["rng_states"] = torch_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which."""
@@ -207,12 +207,55 @@ class LoRAImageClassifier(pl.LightningModule):
             if key in theirs and _plain(theirs.get(key)) != _plain(self.hparams.get(key))
         ]
         if not mismatched and not differences:
+            if "rng_states" in checkpoint:
+                set_torch_rng_states(checkpoint["rng_states"])
             return
         detail = "; ".join(differences) if differences else f"{len(mismatched)} weights differ, e.g. {mismatched[:3]}"
         raise ValueError(
             f"this checkpoint was made for a different model ({detail}). Load it with the settings it was trained "
             "with (they are in its hyper_parameters), or start from a matching checkpoint."
         )
+
+
+def lazy_schedule(module: pl.LightningModule, name: str, warmup_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """A ``transformers.get_scheduler`` schedule whose length is read from the trainer at its first real step.
+
+    Asking for ``trainer.estimated_stepping_batches`` inside ``configure_optimizers`` makes Lightning build the
+    training loader's iterator before a checkpoint is restored; its workers then prefetch the first epoch's
+    order even when resuming at a later one. Every schedule starts at factor 1 (no warmup) or 0 (warmup), so
+    step 0 needs no length, and the real schedule is built once the loader exists. (A closure, not an object:
+    `LambdaLR` would put an object's attributes, the module included, into the checkpoint.)
+    """
+    built: list[Callable[[int], float]] = []
+
+    def factor(step: int) -> float:
+        if not built:
+            if step == 0:
+                return 1.0 if warmup_steps == 0 and warmup_ratio == 0 else 0.0
+            from transformers import get_scheduler
+
+            total = int(module.trainer.estimated_stepping_batches)
+            warmup = warmup_steps or math.ceil(warmup_ratio * total)
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            built.append(get_scheduler(name, dummy, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0])
+        return built[0](step)
+
+    return factor
+
+
+def torch_rng_states() -> dict[str, Any]:
+    """torch's CPU and CUDA random states (what dropout draws from), as tensors that ``weights_only`` loads."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_torch_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `torch_rng_states` saved (CUDA states only where the device count matches)."""
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 def _plain(value: Any) -> Any:

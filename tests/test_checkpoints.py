@@ -1,0 +1,48 @@
+"""Adapter-only checkpoints: contents, size, exact resume, and refusing checkpoints of another model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_lora.cli import cli_main
+
+from test_cli import common_args
+
+
+class StopAfterFirstEpoch(pl.Callback):
+    """Ends fit after one epoch while max_epochs (and so the LR schedule) stays that of the full run."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def fit(tmp: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], *extra: str):
+    monkeypatch.chdir(tmp)
+    return cli_main(["fit", *args, *extra])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, workers: int) -> None:
+    args = common_args(tiny_vit, food101_dir) + [f"--data.num_workers={workers}", "--trainer.accumulate_grad_batches=2"]
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "resumed").mkdir()
+    straight = fit(tmp_path / "straight", monkeypatch, args, "--trainer.max_epochs=2")
+    first = fit(tmp_path / "resumed", monkeypatch, args, "--trainer.max_epochs=2", "--trainer.callbacks+=test_checkpoints.StopAfterFirstEpoch")
+    assert first.trainer.current_epoch == 1 and first.trainer.global_step == 3
+    last = Path(first.trainer.checkpoint_callback.last_model_path).resolve()
+    resumed = fit(tmp_path / "resumed", monkeypatch, args, "--trainer.max_epochs=2", f"--ckpt_path={last}")
+
+    assert resumed.trainer.global_step == straight.trainer.global_step == 6  # 36 images / 8 = 5 batches -> 3 steps
+    a, b = straight.model.trainable_state_dict(), resumed.model.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a, opt_b = straight.trainer.optimizers[0].state_dict(), resumed.trainer.optimizers[0].state_dict()
+    for index, state in opt_a["state"].items():
+        assert torch.equal(state["exp_avg_sq"], opt_b["state"][index]["exp_avg_sq"])
+    assert straight.trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == resumed.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
+    assert straight.trainer.checkpoint_callback.best_model_score == resumed.trainer.checkpoint_callback.best_model_score
