@@ -12,6 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class AdapterCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` that writes into the run's own folder (``checkpoints/<name>/version_N/``).
 
+    Beside the best and the last ``.ckpt`` it keeps PEFT adapter folders, ``adapter/`` and ``adapter-last/``,
+    which the PEFT guide's inference code and ``--ckpt_path`` load directly.
+
     What goes into each file is decided by `LoRAImageClassifier.on_save_checkpoint`: the trainable weights
     (adapters and head), optimizer, scheduler and loop state, and the hyperparameters, never the frozen base.
     Defaults follow the guide: keep the best by ``val/acc`` and the last one.
@@ -59,9 +62,22 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None and trainer.loggers and trainer.log_dir:
-            self.dirpath = trainer.log_dir
+            self.dirpath = str(Path(trainer.log_dir).resolve())  # absolute: a resumed run compares paths
         with warnings.catch_warnings():
-            # The run folder already holds config.yaml and hparams.yaml; only old checkpoints deserve a warning.
-            if self.dirpath and not any(Path(self.dirpath).glob("*.ckpt")):
+            # The run folder already holds config.yaml and hparams.yaml, and a resumed run its own checkpoints:
+            # only somebody else's old checkpoints deserve a warning.
+            if self.dirpath and (trainer.ckpt_path or not any(Path(self.dirpath).glob("*.ckpt"))):
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if not trainer.is_global_zero or not hasattr(trainer.lightning_module, "model"):
+            return
+        from lit_lora.export import save_adapter_folder
+
+        folder = Path(filepath).parent
+        if Path(filepath).stem == self.CHECKPOINT_NAME_LAST:
+            save_adapter_folder(trainer.lightning_module, folder / "adapter-last")
+        elif filepath == self.best_model_path:
+            save_adapter_folder(trainer.lightning_module, folder / "adapter")

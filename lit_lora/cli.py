@@ -1,14 +1,20 @@
-"""``python -m lit_lora``: LightningCLI over `LoRAImageClassifier` and `Food101DataModule`."""
+"""``python -m lit_lora``: LightningCLI over `LoRAImageClassifier` and `Food101DataModule`, plus ``export``."""
 
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lora.callbacks import AdapterCheckpoint
 from lit_lora.datamodule import Food101DataModule
+from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.model import LoRAImageClassifier
+from lit_lora.predictions import PredictionWriter
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -20,27 +26,79 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     },
 }
 
+DESCRIPTION = """LoRA fine-tuning of image classifiers. Subcommands: fit, validate, test, predict (LightningCLI), and
+export (`python -m lit_lora export --help`: write a PEFT adapter folder or a merged transformers model)."""
+
 
 class LitLoRACLI(LightningCLI):
     """LightningCLI with the links that keep every value in one place.
 
     - ``data.class_names`` → ``model.class_names`` (the data knows its labels);
     - ``model.model_name_or_path`` → ``data.image_processor`` (the model knows its input size, mean and std);
-    - an `AdapterCheckpoint` under ``checkpoint.*``, on by default.
+    - an `AdapterCheckpoint` under ``checkpoint.*`` and a `PredictionWriter` under ``predictions.*``, on by default;
+    - ``--ckpt_path`` may also be a PEFT adapter folder written by ``fit`` or ``export``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.link_arguments("model.model_name_or_path", "data.image_processor")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        self.adapter_folder = ckpt_path if ckpt_path and is_adapter_folder(ckpt_path) else None
+        if self.adapter_folder:
+            # Rebuild the model the folder was saved from; its weights are loaded after instantiation.
+            settings = adapter_folder_settings(self.adapter_folder)
+            class_names = settings.pop("class_names")
+            for key, value in settings.items():
+                config.model[key] = value
+            config.ckpt_path = None
+        elif ckpt_path and Path(ckpt_path).is_file():
+            class_names = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {}).get("class_names")
+            if subcommand == "fit":
+                continue_in_run_folder(config, Path(ckpt_path))
+        else:
+            class_names = None
+        # predict needs no labelled data: take the labels from the checkpoint. validate/test compare them instead.
+        if subcommand == "predict" and class_names and not config.data.get("class_names"):
+            config.data.class_names = list(class_names)
+            if not config.data.get("data_dir"):
+                config.data.dataset = None
 
-def cli_main(args: list[str] | None = None) -> LitLoRACLI:
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if getattr(self, "adapter_folder", None):
+            load_adapter_weights(self.model, self.adapter_folder)
+
+
+def continue_in_run_folder(config: Any, ckpt_path: Path) -> None:
+    """Resume writing checkpoints into the folder the checkpoint lives in, so the best score and the top-k
+    bookkeeping carry on. (Logs of the continuation go to a new logger version: Lightning's CSVLogger would
+    delete the earlier metrics.csv if it reopened the old one.)"""
+    if config.checkpoint.get("dirpath") is None:
+        config.checkpoint.dirpath = str(ckpt_path.resolve().parent)
+
+
+def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
     """Run the command line; ``args`` replaces ``sys.argv[1:]`` (tests call it with a list)."""
-    return LitLoRACLI(
-        LoRAImageClassifier,
-        Food101DataModule,
-        args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-    )
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:
+        from jsonargparse import CLI
+
+        return CLI(export, args=argv[1:], as_positional=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        return LitLoRACLI(
+            LoRAImageClassifier,
+            Food101DataModule,
+            args=args,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+        )

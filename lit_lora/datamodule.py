@@ -62,6 +62,7 @@ class Food101DataModule(pl.LightningDataModule):
         image_mean: tuple[float, float, float] | None = None,
         image_std: tuple[float, float, float] | None = None,
         predict_dir: str | list[str] | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         """Describe where the images are and how they are batched.
 
@@ -86,9 +87,12 @@ class Food101DataModule(pl.LightningDataModule):
             image_mean: overrides the processor's per-channel mean.
             image_std: overrides the processor's per-channel std.
             predict_dir: folder searched recursively for images (or a list of image files) for ``predict``.
+            class_names: label names, index = label id. By default read from the source; when given, the source
+                must have exactly these (in this order). ``predict`` needs no source: the names then come from
+                here or from the checkpoint.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["class_names"])  # the model's hyperparameters hold the labels
         self.dataset = dataset
         self.data_dir = demo.resolve(data_dir) if data_dir else None
         self.train_split = train_split
@@ -109,12 +113,10 @@ class Food101DataModule(pl.LightningDataModule):
             tuple(image_std or (processor.std if processor else DEFAULT_STD)),
         )
         self._check()
-        self.source: ImageSource | None = None
-        if self.data_dir or self.dataset:
-            self.source = open_source(self.dataset, self.data_dir)
-            rank_zero_info(f"[lit_lora] data: {self.source.summary()}")
-            if len(self.source.class_names) < 2:
-                raise ValueError(f"{self.source.location} has {len(self.source.class_names)} class(es); need at least 2.")
+        self._class_names = list(class_names) if class_names else None
+        self._source: ImageSource | None = None
+        if self._class_names is None:
+            _ = self.source  # find the data and its labels now: a wrong path should fail before any compute
         self.train_table: ImageTable | None = None
         self.val_table: ImageTable | None = None
         self.test_table: ImageTable | None = None
@@ -133,18 +135,35 @@ class Food101DataModule(pl.LightningDataModule):
             raise ValueError("Food101DataModule: " + "; ".join(problems) + ".")
 
     @property
-    def class_names(self) -> list[str]:
-        """Label names of the source, index = label id (linked into the model by the CLI)."""
-        if self.source is None:
-            raise ValueError("no data source: set data_dir or dataset.")
-        return list(self.source.class_names)
+    def source(self) -> ImageSource | None:
+        """The opened data source (opened on first use; None when neither data_dir nor dataset is set)."""
+        if self._source is None and (self.data_dir or self.dataset):
+            source = open_source(self.dataset, self.data_dir)
+            rank_zero_info(f"[lit_lora] data: {source.summary()}")
+            if len(source.class_names) < 2:
+                raise ValueError(f"{source.location} has {len(source.class_names)} class(es); need at least 2.")
+            if self._class_names is not None and self._class_names != source.class_names:
+                raise ValueError(
+                    f"class_names {self._class_names[:5]}... (the checkpoint's or configured) differ from those of "
+                    f"{source.location}: {source.class_names[:5]}... Use data with the same labels."
+                )
+            self._source = source
+        return self._source
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Label names, index = label id (linked into the model by the CLI): given ones, else the source's."""
+        if self._class_names is not None:
+            return list(self._class_names)
+        return list(self.source.class_names) if self.source is not None else None
 
     def setup(self, stage: str) -> None:
         """Select and split the images needed for ``stage`` (nothing is decoded here)."""
         if stage in ("fit", "validate") and self.train_table is None:
-            selected = self._require_source().select(self.train_split)
+            source = self._require_source()
+            selected = source.select(self.train_split)
             if len(selected) == 0:
-                raise ValueError(f"train_split {self.train_split!r} selects no image from {self.source.location}.")
+                raise ValueError(f"train_split {self.train_split!r} selects no image from {source.location}.")
             self._warn_if_classes_missing(selected)
             train_rows, val_rows = stratified_split(selected.labels, self.val_size, self.seed)
             if not val_rows or not train_rows:
@@ -173,10 +192,10 @@ class Food101DataModule(pl.LightningDataModule):
         return self.source
 
     def _warn_if_classes_missing(self, table: ImageTable) -> None:
-        present = Counter(table.labels)
-        if len(present) < len(self.class_names):
+        present, total = len(Counter(table.labels)), len(self._require_source().class_names)
+        if present < total:
             rank_zero_warn(
-                f"train_split {self.train_split!r} covers {len(present)} of {len(self.class_names)} classes: "
+                f"train_split {self.train_split!r} covers {present} of {total} classes: "
                 "the source lists its images grouped by class, so a leading slice misses the later ones. "
                 "Use a percentage or the whole split if every class should be seen."
             )

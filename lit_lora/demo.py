@@ -9,12 +9,12 @@ never mistaken for a finished one.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from lit_lora.files import write_folder
 
 SCHEME = "demo://"
 # Each class is a food with a telling colour; the shape (disc or bar), place, size and background vary.
@@ -44,20 +44,7 @@ def resolve(name_or_path: str) -> str:
     builders: dict[str, Callable[[Path], None]] = {"vit-tiny": build_tiny_vit, "food-shapes": build_shape_images}
     if name not in builders:
         raise ValueError(f"unknown demo asset {name_or_path!r}; available: {[SCHEME + n for n in builders]}.")
-    target = cache_root() / "demo" / name
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
-            builders[name](staging)
-            try:
-                staging.rename(target)
-            except OSError:  # another process finished first: use its copy
-                if not target.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    return str(write_folder(cache_root() / "demo" / name, builders[name], replace=False))
 
 
 def build_tiny_vit(folder: Path, image_size: int = 32, seed: int = 0) -> None:

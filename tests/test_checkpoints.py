@@ -46,3 +46,41 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert torch.equal(state["exp_avg_sq"], opt_b["state"][index]["exp_avg_sq"])
     assert straight.trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == resumed.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
     assert straight.trainer.checkpoint_callback.best_model_score == resumed.trainer.checkpoint_callback.best_model_score
+    assert Path(resumed.trainer.checkpoint_callback.dirpath) == last.parent  # the run folder carries on
+
+
+def test_checkpoint_holds_trainable_weights_only_and_stays_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
+    cli = fit(tmp_path, monkeypatch, common_args(tiny_vit, food101_dir), "--trainer.max_epochs=1")
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    state = torch.load(last, weights_only=True)["state_dict"]
+    frozen = {n for n, p in cli.model.named_parameters() if not p.requires_grad}
+    assert state and not frozen & set(state)
+    trainable = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
+    # fp32 weights plus AdamW's two moments, and a little bookkeeping: nothing that scales with the frozen base.
+    assert last.stat().st_size < trainable * 4 * 3 + 64_000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"r": 8}, "r: checkpoint has 16, this model 8"),
+        ({"target_modules": ["query"]}, "target_modules: checkpoint has"),
+        ({"class_names": ["a", "b", "c", "d"]}, "class_names: checkpoint has"),
+        ({"model_name_or_path": "OTHER"}, "model_name_or_path: checkpoint has"),
+    ],
+)
+def test_checkpoint_of_another_model_is_refused_saying_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, change: dict, message: str) -> None:
+    import shutil
+
+    from lit_lora import Food101DataModule, LoRAImageClassifier
+
+    cli = fit(tmp_path, monkeypatch, common_args(tiny_vit, food101_dir), "--trainer.max_epochs=1")
+    last = Path(cli.trainer.checkpoint_callback.last_model_path).resolve()
+    settings = {"model_name_or_path": tiny_vit, "class_names": cli.model.class_names} | change
+    if settings["model_name_or_path"] == "OTHER":
+        settings["model_name_or_path"] = shutil.copytree(tiny_vit, tmp_path / "other-vit")
+        settings["model_name_or_path"] = str(settings["model_name_or_path"])
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, image_processor=tiny_vit)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=f"different model .*{message}"):
+        trainer.validate(LoRAImageClassifier(**settings), datamodule=data, ckpt_path=str(last))

@@ -1,0 +1,81 @@
+"""`PredictionWriter`: ``predict`` results as one CSV, whatever the number of processes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predictions.csv``: ``path,label,score`` and the next best labels with their probabilities.
+
+    One row per image, in sorted path order. Under DDP every process writes its share to a part file and
+    process 0 merges them, dropping the duplicates the distributed sampler pads with.
+    """
+
+    def __init__(self, output_path: str | None = None, top_k: int = 5) -> None:
+        """Say where predictions go.
+
+        Args:
+            output_path: CSV file to write; by default ``predictions.csv`` in the run's log folder.
+            top_k: how many labels (with probabilities) each row lists.
+        """
+        super().__init__(write_interval="epoch")
+        self.output_path = output_path
+        self.top_k = top_k
+
+    def resolve_path(self, trainer: pl.Trainer) -> Path:
+        """Where the CSV is written."""
+        if self.output_path:
+            return Path(self.output_path)
+        return Path(trainer.log_dir or ".") / "predictions.csv"
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        path = self.resolve_path(trainer)
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier()
+        part = path.with_name(f".{path.name}.rank{trainer.global_rank}.pt")
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        torch.save(
+            {key: torch.cat([b[key].cpu() for b in batches]) for key in ("index", "probs")} if batches else {},
+            part,
+        )
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            parts = [path.with_name(f".{path.name}.rank{r}.pt") for r in range(trainer.world_size)]
+            self._merge(trainer, pl_module, parts, path)
+        trainer.strategy.barrier()
+
+    def _merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, parts: list[Path], path: Path) -> None:
+        rows: dict[int, torch.Tensor] = {}
+        for part in parts:
+            chunk = torch.load(part, weights_only=True)
+            for index, probs in zip(chunk.get("index", []), chunk.get("probs", [])):
+                rows[int(index)] = probs  # padded duplicates carry the same image: keep one
+            part.unlink()
+        table = trainer.datamodule.predict_table
+        names = pl_module.class_names
+        k = min(self.top_k, len(names))
+        header = ["path", "label", "score"] + [f"{col}_{i}" for i in range(2, k + 1) for col in ("label", "score")]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for index in sorted(rows):
+                scores, ids = rows[index].float().topk(k)
+                cells = [table.describe(index)]
+                for score, label in zip(scores.tolist(), ids.tolist()):
+                    cells += [names[label], f"{score:.6f}"]
+                writer.writerow(cells)
+        os.replace(tmp, path)
+        rank_zero_info(f"[lit_lora] wrote {len(rows)} predictions to {path}")
