@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -81,3 +85,63 @@ class AdapterCheckpoint(ModelCheckpoint):
             save_adapter_folder(trainer.lightning_module, folder / "adapter-last")
         elif filepath == self.best_model_path:
             save_adapter_folder(trainer.lightning_module, folder / "adapter")
+
+
+class ThroughputLogger(pl.Callback):
+    """Logs training images/s per epoch (``train/images_per_sec``) and says at the end how fast fit and predict ran.
+
+    Counts images from batch shapes (no device sync per step) and reads the clock at epoch boundaries only.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.started = 0.0
+        self.fit_images = 0
+        self.fit_started = 0.0
+        self.summary: dict[str, float] = {}
+
+    @staticmethod
+    def _count(batch: Any) -> int:
+        return int(batch["pixel_values"].shape[0]) if isinstance(batch, dict) else 0
+
+    @staticmethod
+    def _now(pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_images, self.fit_started = 0, self._now(pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.images, self.started = 0, self._now(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.images += self._count(batch) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = self._now(pl_module) - self.started
+        self.fit_images += self.images
+        pl_module.log("train/images_per_sec", self.images / max(seconds, 1e-9), rank_zero_only=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = self._now(pl_module) - self.fit_started
+        self.summary.update(fit_images=self.fit_images, fit_seconds=seconds, fit_images_per_sec=self.fit_images / max(seconds, 1e-9))
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            self.summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
+        memory = f"; peak GPU memory {self.summary['peak_gpu_memory_gb']:.1f} GB" if "peak_gpu_memory_gb" in self.summary else ""
+        rank_zero_info(
+            f"[lit_lora] fit: {self.fit_images} training images in {seconds:.1f} s (validation included): "
+            f"{self.summary['fit_images_per_sec']:.0f} images/s{memory}"
+        )
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.images, self.started = 0, self._now(pl_module)
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.images += self._count(batch) * trainer.world_size
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = self._now(pl_module) - self.started
+        self.summary.update(predict_images=self.images, predict_seconds=seconds, predict_images_per_sec=self.images / max(seconds, 1e-9))
+        rank_zero_info(f"[lit_lora] predict: {self.images} images in {seconds:.1f} s: {self.summary['predict_images_per_sec']:.0f} images/s")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_lora.callbacks import AdapterCheckpoint
+from lit_lora.callbacks import AdapterCheckpoint, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.model import LoRAImageClassifier
@@ -42,6 +42,7 @@ class LitLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.link_arguments("model.model_name_or_path", "data.image_processor")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
@@ -58,6 +59,7 @@ class LitLoRACLI(LightningCLI):
             class_names = settings.pop("class_names")
             for key, value in settings.items():
                 config.model[key] = value
+            config.data.image_processor = settings["model_name_or_path"]  # the link ran before this change
             config.ckpt_path = None
         elif ckpt_path and Path(ckpt_path).is_file():
             class_names = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {}).get("class_names")

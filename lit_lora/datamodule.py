@@ -63,6 +63,7 @@ class Food101DataModule(pl.LightningDataModule):
         image_std: tuple[float, float, float] | None = None,
         predict_dir: str | list[str] | None = None,
         class_names: list[str] | None = None,
+        fast_decode: bool = True,
     ) -> None:
         """Describe where the images are and how they are batched.
 
@@ -90,6 +91,9 @@ class Food101DataModule(pl.LightningDataModule):
             class_names: label names, index = label id. By default read from the source; when given, the source
                 must have exactly these (in this order). ``predict`` needs no source: the names then come from
                 here or from the checkpoint.
+            fast_decode: choose each JPEG's crop from its header and let libjpeg decode only at the scale the crop
+                needs (same crop distribution as the guide's transforms, pixels within a few levels; see README).
+                False runs the guide's torchvision transforms on fully decoded images.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model's hyperparameters hold the labels
@@ -105,6 +109,7 @@ class Food101DataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.predict_dir = predict_dir
+        self.fast_decode = fast_decode
 
         processor = settings_from_processor(demo.resolve(image_processor)) if image_processor else None
         self.image_settings = ImageSettings(
@@ -219,7 +224,8 @@ class Food101DataModule(pl.LightningDataModule):
 
     def _loader(self, table: ImageTable | None, train: bool) -> DataLoader:
         assert table is not None, "setup() was not called for this stage"
-        transform = train_transform(self.image_settings) if train else eval_transform(self.image_settings)
+        make_transform = train_transform if train else eval_transform
+        transform = make_transform(self.image_settings, self.fast_decode)
         sampler = None
         if train:
             sampler = SeededShuffleSampler(len(table), self.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -43,9 +44,14 @@ class ImageTable:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, i: int) -> Image.Image:
-        """Return row ``i`` as an RGB PIL image."""
+    def open(self, i: int) -> Image.Image:
+        """Return row ``i`` as a lazily opened PIL image (header read, pixels not yet decoded)."""
         raise NotImplementedError
+
+    def load(self, i: int) -> Image.Image:
+        """Return row ``i`` decoded, upright, in RGB."""
+        with self.open(i) as image:
+            return to_rgb(image)
 
     def describe(self, i: int) -> str:
         """Where row ``i`` comes from, for messages and prediction files."""
@@ -63,9 +69,8 @@ class FileTable(ImageTable):
         self.paths = list(paths)
         self.labels = list(labels)
 
-    def load(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as image:
-            return to_rgb(image)
+    def open(self, i: int) -> Image.Image:
+        return Image.open(self.paths[i])
 
     def describe(self, i: int) -> str:
         return self.paths[i]
@@ -78,14 +83,18 @@ class HFTable(ImageTable):
     """Rows of a `datasets.Dataset` with an image column and a class-label column."""
 
     def __init__(self, dataset: Any, image_column: str, label_column: str, name: str = "dataset") -> None:
-        self.dataset = dataset
+        from datasets import Image as ImageFeature
+
+        # Undecoded rows (bytes or path), so that decoding happens in the transform, at the scale it needs.
+        self.dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.image_column = image_column
         self.label_column = label_column
         self.name = name
         self.labels = list(dataset[label_column])
 
-    def load(self, i: int) -> Image.Image:
-        return to_rgb(self.dataset[int(i)][self.image_column])
+    def open(self, i: int) -> Image.Image:
+        cell = self.dataset[int(i)][self.image_column]
+        return Image.open(io.BytesIO(cell["bytes"])) if cell.get("bytes") else Image.open(cell["path"])
 
     def describe(self, i: int) -> str:
         return f"{self.name}[{i}]"
@@ -114,13 +123,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = key if isinstance(key, tuple) else (key, None)
-        image = self.table.load(i)
-        if seed is None:
-            pixels = self.transform(image)
-        else:
-            with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-                torch.manual_seed(seed)
+        with self.table.open(i) as image:
+            if seed is None:
                 pixels = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+                    torch.manual_seed(seed)
+                    pixels = self.transform(image)
         return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
 
 

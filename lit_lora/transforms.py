@@ -2,14 +2,30 @@
 
 Workers do the geometric part and hand over uint8 tensors; scaling to [0, 1] and normalising happen on the
 device after transfer (`normalize_on_device`), which gives the guide's numbers with a quarter of the traffic.
+
+Two ways to do the geometric part, both taking a lazily opened PIL image and returning uint8 CHW:
+
+- the guide's torchvision transforms on the fully decoded image (`guide_train_transform`, `guide_eval_transform`);
+- the same crops computed from the image header first (`FastTrainCrop`, `FastEvalCrop`), so that the JPEG
+  decoder can skip what the crop throws away: libjpeg decodes at 1/2, 1/4 or 1/8 scale (``Image.draft``)
+  whenever the crop still has at least the output's resolution at that scale, and crop + resize are one
+  antialiased ``Image.resize(box=...)``. torchvision cannot do this: its transforms start from decoded pixels.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as F
 from torchvision.transforms import v2
+
+from lit_lora.images import to_rgb
 
 # ViTImageProcessor's defaults, used when no image processor is named.
 DEFAULT_SIZE = 224
@@ -50,14 +66,104 @@ def settings_from_processor(name_or_path: str) -> ImageSettings:
     return ImageSettings(side, tuple(float(m) for m in processor.image_mean), tuple(float(s) for s in processor.image_std))
 
 
-def train_transform(settings: ImageSettings) -> v2.Compose:
+def _decoded(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[Image.Image], torch.Tensor]:
+    return lambda image: transform(to_rgb(image))
+
+
+def guide_train_transform(settings: ImageSettings) -> Callable[[Image.Image], torch.Tensor]:
     """The guide's training augmentation, ending in uint8: RandomResizedCrop, RandomHorizontalFlip."""
-    return v2.Compose([v2.RandomResizedCrop(settings.size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    return _decoded(v2.Compose([v2.RandomResizedCrop(settings.size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]))
 
 
-def eval_transform(settings: ImageSettings) -> v2.Compose:
+def guide_eval_transform(settings: ImageSettings) -> Callable[[Image.Image], torch.Tensor]:
     """The guide's evaluation preprocessing, ending in uint8: Resize, CenterCrop."""
-    return v2.Compose([v2.Resize(settings.size, antialias=True), v2.CenterCrop(settings.size), v2.PILToTensor()])
+    return _decoded(v2.Compose([v2.Resize(settings.size, antialias=True), v2.CenterCrop(settings.size), v2.PILToTensor()]))
+
+
+def _output_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the crop."""
+    return (size, size) if isinstance(size, int) else size
+
+
+def _can_draft(image: Image.Image) -> bool:
+    # JPEGs the decoder can scale, upright as stored (EXIF rotation would move the crop).
+    return image.format == "JPEG" and image.getexif().get(0x0112, 1) not in range(2, 9)
+
+
+def _crop_resize(image: Image.Image, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> Image.Image:
+    """Crop ``box`` (in the image's full-size coordinates) and resize it to ``out_hw``, decoding as little as possible."""
+    full_w, full_h = image.size
+    left, top, right, bottom = box
+    out_h, out_w = out_hw
+    if _can_draft(image):
+        # Ask for the smallest decode in which the box still has at least the output's pixels.
+        need_w = math.ceil(full_w * out_w / max(right - left, 1e-6))
+        need_h = math.ceil(full_h * out_h / max(bottom - top, 1e-6))
+        if need_w < full_w and need_h < full_h:
+            image.draft("RGB", (need_w, need_h))
+    sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    image = to_rgb(image) if image.mode not in ("RGB", "L") else image
+    resized = image.resize((out_w, out_h), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
+    return resized.convert("RGB") if resized.mode != "RGB" else resized
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class FastTrainCrop:
+    """The guide's RandomResizedCrop + RandomHorizontalFlip, with the crop chosen before decoding.
+
+    Crop parameters come from torchvision (`RandomResizedCrop.get_params`, the same distribution), computed on
+    the header's size; the decoder then works at the smallest scale that keeps the crop at full output resolution.
+    Images that are not plain JPEGs take the guide's path.
+    """
+
+    def __init__(self, settings: ImageSettings, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.out_hw = _output_size(settings.size)
+        self.scale = list(scale)
+        self.ratio = list(ratio)
+        self.fallback = guide_train_transform(settings)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not _can_draft(image):
+            return self.fallback(image)
+        top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        cropped = _crop_resize(image, (left, top, left + width, top + height), self.out_hw)
+        if torch.rand(1).item() < 0.5:
+            cropped = cropped.transpose(Image.FLIP_LEFT_RIGHT)
+        return _to_tensor(cropped)
+
+
+class FastEvalCrop:
+    """The guide's Resize(shorter side) + CenterCrop as one box resize, decoding at reduced scale where possible."""
+
+    def __init__(self, settings: ImageSettings) -> None:
+        self.size = settings.size
+        self.out_hw = _output_size(settings.size)
+        self.fallback = guide_eval_transform(settings)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not _can_draft(image):
+            return self.fallback(image)
+        w, h = image.size
+        # The size torchvision's Resize would produce, then CenterCrop's offsets, mapped back to full size.
+        resized_h, resized_w = F._compute_resized_output_size((h, w), [self.size] if isinstance(self.size, int) else list(self.size))
+        out_h, out_w = self.out_hw
+        top, left = round((resized_h - out_h) / 2.0), round((resized_w - out_w) / 2.0)
+        sx, sy = w / resized_w, h / resized_h
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        return _to_tensor(_crop_resize(image, box, self.out_hw))
+
+
+def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+    """Training augmentation ending in uint8: `FastTrainCrop`, or the guide's torchvision transforms."""
+    return FastTrainCrop(settings) if fast_decode else guide_train_transform(settings)
+
+
+def eval_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+    """Evaluation preprocessing ending in uint8: `FastEvalCrop`, or the guide's torchvision transforms."""
+    return FastEvalCrop(settings) if fast_decode else guide_eval_transform(settings)
 
 
 def normalize_on_device(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
