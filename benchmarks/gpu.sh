@@ -26,5 +26,5 @@ import os
 print("cpus", len(os.sched_getaffinity(0)))
 PY
 python3 benchmarks/compare.py --gpu --vit_b16 --images "$IMAGES" --epochs "$EPOCHS" --workers 16 \
-  --guide_workers 0 16 --compiled --predict --work_dir /tmp/bench --result "$OUT_DIR/gpu_result.json" 2>&1 | tee "$OUT_DIR/gpu_compare.log"
+  --guide_workers ${GUIDE_WORKERS:-0 16} ${EXTRA:---compiled --predict} --work_dir /tmp/bench --result "$OUT_DIR/gpu_result.json" 2>&1 | tee "$OUT_DIR/gpu_compare.log"
 cp /tmp/bench/*.log "$OUT_DIR/" 2>/dev/null || true

@@ -99,6 +99,8 @@ class ThroughputLogger(pl.Callback):
         self.fit_images = 0
         self.fit_started = 0.0
         self.summary: dict[str, float] = {}
+        self.val_images = 0
+        self.val_started = 0.0
 
     @staticmethod
     def _count(batch: Any) -> int:
@@ -124,11 +126,13 @@ class ThroughputLogger(pl.Callback):
         self.fit_images += self.images
         pl_module.log("train/images_per_sec", self.images / max(seconds, 1e-9), rank_zero_only=True)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            self.summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 1e9
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = self._now(pl_module) - self.fit_started
         self.summary.update(fit_images=self.fit_images, fit_seconds=seconds, fit_images_per_sec=self.fit_images / max(seconds, 1e-9))
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            self.summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
         memory = f"; peak GPU memory {self.summary['peak_gpu_memory_gb']:.1f} GB" if "peak_gpu_memory_gb" in self.summary else ""
         rank_zero_info(
             f"[lit_lora] fit: {self.fit_images} training images in {seconds:.1f} s (validation included): "
@@ -145,3 +149,16 @@ class ThroughputLogger(pl.Callback):
         seconds = self._now(pl_module) - self.started
         self.summary.update(predict_images=self.images, predict_seconds=seconds, predict_images_per_sec=self.images / max(seconds, 1e-9))
         rank_zero_info(f"[lit_lora] predict: {self.images} images in {seconds:.1f} s: {self.summary['predict_images_per_sec']:.0f} images/s")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.val_images, self.val_started = 0, self._now(pl_module)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.val_images += self._count(batch) * trainer.world_size
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "validate":
+            return
+        seconds = self._now(pl_module) - self.val_started
+        self.summary.update(validate_images=self.val_images, validate_images_per_sec=self.val_images / max(seconds, 1e-9))
+        rank_zero_info(f"[lit_lora] validate: {self.val_images} images in {seconds:.1f} s: {self.summary['validate_images_per_sec']:.0f} images/s")

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_lora import demo
+from lit_lora.cache import cached
 from lit_lora.images import FileTable, ImageDataset, ImageTable, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
@@ -64,6 +65,8 @@ class Food101DataModule(pl.LightningDataModule):
         predict_dir: str | list[str] | None = None,
         class_names: list[str] | None = None,
         fast_decode: bool = True,
+        cache_dir: str | None = None,
+        cache_short_side: int = 256,
     ) -> None:
         """Describe where the images are and how they are batched.
 
@@ -94,6 +97,10 @@ class Food101DataModule(pl.LightningDataModule):
             fast_decode: choose each JPEG's crop from its header and let libjpeg decode only at the scale the crop
                 needs (same crop distribution as the guide's transforms, pixels within a few levels; see README).
                 False runs the guide's torchvision transforms on fully decoded images.
+            cache_dir: folder for an on-disk cache of pre-resized uint8 images (built once, reused across epochs
+                and runs, rebuilt when the images change). Training images are cached with the shorter side at
+                ``cache_short_side``, validation and test images at the evaluation size. Off by default.
+            cache_short_side: shorter side of cached training images; random crops are taken from these.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model's hyperparameters hold the labels
@@ -110,6 +117,8 @@ class Food101DataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.predict_dir = predict_dir
         self.fast_decode = fast_decode
+        self.cache_dir = cache_dir
+        self.cache_short_side = cache_short_side
 
         processor = settings_from_processor(demo.resolve(image_processor)) if image_processor else None
         self.image_settings = ImageSettings(
@@ -175,7 +184,8 @@ class Food101DataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"val_size {self.val_size} of {len(selected)} images leaves an empty train or validation set."
                 )
-            self.train_table, self.val_table = selected.subset(train_rows), selected.subset(val_rows)
+            self.train_table = self._cached(selected.subset(train_rows), self.cache_short_side)
+            self.val_table = self._cached(selected.subset(val_rows), self._eval_side())
             rank_zero_info(
                 f"[lit_lora] {self.train_split}: {len(self.train_table)} train / {len(self.val_table)} validation "
                 f"images (val_size={self.val_size}, seed={self.seed})"
@@ -187,9 +197,24 @@ class Food101DataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"{source.location} has no test split (splits: {list(source.split_sizes)}); set --data.test_split."
                 )
-            self.test_table = source.select(split)
+            self.test_table = self._cached(source.select(split), self._eval_side())
         if stage == "predict" and self.predict_table is None:
             self.predict_table = self._predict_files()
+
+    def _eval_side(self) -> int:
+        size = self.image_settings.size
+        return size if isinstance(size, int) else max(size)
+
+    def _cached(self, table: ImageTable, short_side: int) -> ImageTable:
+        """``table`` served from the image cache when ``cache_dir`` is set (process 0 builds, the others wait)."""
+        if not self.cache_dir:
+            return table
+        trainer = self.trainer
+        first = trainer is None or trainer.is_global_zero
+        result = cached(table, short_side, self.cache_dir, self.num_workers, build=True) if first else None
+        if trainer is not None:
+            trainer.strategy.barrier("lit_lora image cache")
+        return result or cached(table, short_side, self.cache_dir, self.num_workers, build=False)
 
     def _require_source(self) -> ImageSource:
         if self.source is None:

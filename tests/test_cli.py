@@ -132,6 +132,7 @@ def test_recipe_config_is_the_guides() -> None:
     assert recipe["data"]["train_split"] == "train[:5000]" and recipe["data"]["val_size"] == 0.1
     assert recipe["data"]["batch_size"] == 128
     assert recipe["trainer"]["accumulate_grad_batches"] == 4
+    assert recipe["trainer"]["gradient_clip_val"] == 1.0  # the Trainer's max_grad_norm default
     assert recipe["trainer"]["precision"] == "16-mixed" and recipe["trainer"]["max_epochs"] == 5
     assert recipe["checkpoint"]["monitor"] == "val/acc" and recipe["checkpoint"]["mode"] == "max"
 

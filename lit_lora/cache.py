@@ -1,0 +1,147 @@
+"""An on-disk cache of pre-resized uint8 images: decode every JPEG once, then read pixels straight from disk.
+
+A cache holds one table's images resized (never enlarged) so that the shorter side is ``short_side``, as one flat
+uint8 file plus an index of offsets and shapes. It is keyed by the images (path, size and modification time of
+each file, or the `datasets` fingerprint) and the side, so it is reused across epochs and runs and rebuilt when
+the images change. It is written to a staging folder renamed into place when complete: a build killed halfway
+leaves no folder under the key, and the next run builds it again.
+
+Decoding a 512 px Food-101 JPEG, cropping and resizing it costs 2-3 ms on one core; reading a 256 px image from
+the cache and cropping it costs a fraction of that, which is what lets a few cores feed a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lit_lora.files import write_folder
+from lit_lora.images import FileTable, HFTable, ImageTable, to_rgb
+
+CACHE_FORMAT = 1
+
+
+def cache_key(table: ImageTable, short_side: int) -> str:
+    """A name that changes whenever the images, their order or the side change."""
+    digest = hashlib.sha1(f"lit_lora-cache-{CACHE_FORMAT}-{short_side}".encode())
+    if isinstance(table, FileTable):
+        for path in table.paths:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    elif isinstance(table, HFTable):
+        digest.update(f"{table.dataset._fingerprint}\t{len(table)}".encode())
+    else:
+        raise TypeError(f"cannot cache a {type(table).__name__}")
+    return digest.hexdigest()[:20]
+
+
+def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side at ``short_side`` (images already smaller keep their size)."""
+    scale = min(1.0, short_side / min(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class _Resize(torch.utils.data.Dataset):
+    """Decodes (at reduced scale where libjpeg can) and resizes one image per item; runs in loader workers."""
+
+    def __init__(self, table: ImageTable, shapes: np.ndarray) -> None:
+        self.table = table
+        self.shapes = shapes
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+        height, width = (int(v) for v in self.shapes[i])
+        with self.table.open(i) as image:
+            upright = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            image.draft("RGB", (height, width) if upright else (width, height))
+            rgb = to_rgb(image)
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.BILINEAR)
+        return i, np.array(rgb, dtype=np.uint8)
+
+
+def _header_shape(table: ImageTable, i: int, short_side: int) -> tuple[int, int]:
+    with table.open(i) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored sideways: shown the other way round
+            width, height = height, width
+    return resized_shape(width, height, short_side)
+
+
+class CachedTable(ImageTable):
+    """Rows read from a built cache: `open` returns an RGB image backed by the cached pixels (no decoding)."""
+
+    def __init__(self, folder: Path, labels: Sequence[int], names: Sequence[str], rows: np.ndarray | None = None) -> None:
+        self.folder = Path(folder)
+        index = np.load(self.folder / "index.npz")
+        self.offsets, self.shapes = index["offsets"], index["shapes"]
+        self.rows = np.arange(len(self.offsets)) if rows is None else rows
+        self.labels = list(labels)
+        self.names = list(names)
+        self._pixels: np.memmap | None = None  # opened in each process on first use (memmaps do not pickle well)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}
+
+    def open(self, i: int) -> Image.Image:
+        if self._pixels is None:
+            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
+        row = int(self.rows[i])
+        height, width = (int(v) for v in self.shapes[row])
+        start = int(self.offsets[row])
+        return Image.fromarray(np.array(self._pixels[start : start + height * width * 3]).reshape(height, width, 3))
+
+    def describe(self, i: int) -> str:
+        return self.names[i]
+
+    def subset(self, rows: Sequence[int]) -> CachedTable:
+        subset = CachedTable.__new__(CachedTable)
+        subset.__dict__.update(self.__getstate__())
+        subset.rows = self.rows[list(rows)]
+        subset.labels = [self.labels[r] for r in rows]
+        subset.names = [self.names[r] for r in rows]
+        return subset
+
+
+def cached(table: ImageTable, short_side: int, root: str | os.PathLike, num_workers: int, build: bool = True) -> CachedTable:
+    """Return ``table`` served from the cache under ``root``, building the cache first if it is missing.
+
+    Args:
+        table: the images to cache.
+        short_side: side the shorter edge is resized to.
+        root: folder holding caches (one subfolder per key).
+        num_workers: processes that decode while building.
+        build: if False and the cache is missing, fail instead of building (processes other than the first
+            wait for it to be built).
+    """
+    folder = Path(root).expanduser() / cache_key(table, short_side)
+    names = [table.describe(i) for i in range(len(table))]
+    if (folder / "index.npz").is_file():
+        return CachedTable(folder, table.labels, names)
+    if not build:
+        raise FileNotFoundError(f"image cache {folder} is missing: it should have been built by process 0.")
+    from tqdm.auto import tqdm
+
+    shapes = np.array([_header_shape(table, i, short_side) for i in range(len(table))], dtype=np.int64).reshape(-1, 2)
+    sizes = shapes[:, 0] * shapes[:, 1] * 3
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def fill(staging: Path) -> None:
+        pixels = np.memmap(staging / "pixels.u8", dtype=np.uint8, mode="w+", shape=(max(int(sizes.sum()), 1),))
+        loader = torch.utils.data.DataLoader(_Resize(table, shapes), batch_size=None, num_workers=num_workers)
+        for i, array in tqdm(loader, total=len(table), desc=f"caching {len(table)} images at {short_side} px", unit="img", disable=None):
+            pixels[offsets[i] : offsets[i] + sizes[i]] = np.asarray(array).reshape(-1)
+        pixels.flush()
+        del pixels
+        np.savez(staging / "index.npz", offsets=offsets, shapes=shapes)  # written last: its presence means complete
+
+    write_folder(folder, fill, replace=False)
+    return CachedTable(folder, table.labels, names)
