@@ -1,4 +1,14 @@
+import os
+import sys
+
 from lit_lora.cli import cli_main
 
 if __name__ == "__main__":
-    cli_main()
+    try:
+        cli_main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        # Our errors say what was wrong, where, and what to do; a traceback would bury that.
+        if os.environ.get("LIT_LORA_TRACEBACK"):
+            raise
+        print(f"lit_lora: error: {err}\n(set LIT_LORA_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        sys.exit(1)

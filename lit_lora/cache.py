@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from lit_lora.files import write_folder
-from lit_lora.images import FileTable, HFTable, ImageTable, to_rgb
+from lit_lora.images import BAD_IMAGE_ERRORS, FileTable, HFTable, ImageTable, to_rgb
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def cache_key(table: ImageTable, short_side: int) -> str:
@@ -57,22 +57,34 @@ class _Resize(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None]:
         height, width = (int(v) for v in self.shapes[i])
-        with self.table.open(i) as image:
-            upright = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            image.draft("RGB", (height, width) if upright else (width, height))
-            rgb = to_rgb(image)
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.BILINEAR)
+        if height == 0:  # its header could not be read either
+            return i, None
+        try:
+            with self.table.open(i) as image:
+                upright = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                image.draft("RGB", (height, width) if upright else (width, height))
+                rgb = to_rgb(image)
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), Image.BILINEAR)
+        except BAD_IMAGE_ERRORS:
+            return i, None  # recorded as unreadable; the data module skips or reports it when it is read
         return i, np.array(rgb, dtype=np.uint8)
 
 
+def _as_is(item: tuple[int, np.ndarray | None]) -> tuple[int, np.ndarray | None]:
+    return item
+
+
 def _header_shape(table: ImageTable, i: int, short_side: int) -> tuple[int, int]:
-    with table.open(i) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored sideways: shown the other way round
-            width, height = height, width
+    try:
+        with table.open(i) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored sideways: shown the other way round
+                width, height = height, width
+    except BAD_IMAGE_ERRORS:
+        return 0, 0
     return resized_shape(width, height, short_side)
 
 
@@ -82,7 +94,7 @@ class CachedTable(ImageTable):
     def __init__(self, folder: Path, labels: Sequence[int], names: Sequence[str], rows: np.ndarray | None = None) -> None:
         self.folder = Path(folder)
         index = np.load(self.folder / "index.npz")
-        self.offsets, self.shapes = index["offsets"], index["shapes"]
+        self.offsets, self.shapes, self.bad = index["offsets"], index["shapes"], index["bad"]
         self.rows = np.arange(len(self.offsets)) if rows is None else rows
         self.labels = list(labels)
         self.names = list(names)
@@ -95,6 +107,8 @@ class CachedTable(ImageTable):
         if self._pixels is None:
             self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
         row = int(self.rows[i])
+        if self.bad[row]:
+            raise OSError("the file could not be decoded when the image cache was built")
         height, width = (int(v) for v in self.shapes[row])
         start = int(self.offsets[row])
         return Image.fromarray(np.array(self._pixels[start : start + height * width * 3]).reshape(height, width, 3))
@@ -136,12 +150,19 @@ def cached(table: ImageTable, short_side: int, root: str | os.PathLike, num_work
 
     def fill(staging: Path) -> None:
         pixels = np.memmap(staging / "pixels.u8", dtype=np.uint8, mode="w+", shape=(max(int(sizes.sum()), 1),))
-        loader = torch.utils.data.DataLoader(_Resize(table, shapes), batch_size=None, num_workers=num_workers)
+        bad = shapes[:, 0] == 0
+        loader = torch.utils.data.DataLoader(
+            _Resize(table, shapes), batch_size=None, num_workers=num_workers, collate_fn=_as_is
+        )
         for i, array in tqdm(loader, total=len(table), desc=f"caching {len(table)} images at {short_side} px", unit="img", disable=None):
-            pixels[offsets[i] : offsets[i] + sizes[i]] = np.asarray(array).reshape(-1)
+            if array is None:
+                bad[i] = True
+            else:
+                pixels[offsets[i] : offsets[i] + sizes[i]] = array.reshape(-1)
         pixels.flush()
         del pixels
-        np.savez(staging / "index.npz", offsets=offsets, shapes=shapes)  # written last: its presence means complete
+        # Written last: its presence means the cache is complete.
+        np.savez(staging / "index.npz", offsets=offsets, shapes=shapes, bad=bad)
 
     write_folder(folder, fill, replace=False)
     return CachedTable(folder, table.labels, names)

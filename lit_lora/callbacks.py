@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -104,7 +104,8 @@ class ThroughputLogger(pl.Callback):
 
     @staticmethod
     def _count(batch: Any) -> int:
-        return int(batch["pixel_values"].shape[0]) if isinstance(batch, dict) else 0
+        pixels = batch.get("pixel_values") if isinstance(batch, dict) else None
+        return int(pixels.shape[0]) if pixels is not None else 0
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:
@@ -162,3 +163,45 @@ class ThroughputLogger(pl.Callback):
         seconds = self._now(pl_module) - self.val_started
         self.summary.update(validate_images=self.val_images, validate_images_per_sec=self.val_images / max(seconds, 1e-9))
         rank_zero_info(f"[lit_lora] validate: {self.val_images} images in {seconds:.1f} s: {self.summary['validate_images_per_sec']:.0f} images/s")
+
+
+class SkippedImagesReport(pl.Callback):
+    """At the end of every epoch, names the images the data module skipped as unreadable (all processes),
+    and writes the full list to ``skipped_images.txt`` in the run folder."""
+
+    def __init__(self) -> None:
+        self.reported: set[str] = set()
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        skipped = dict(getattr(trainer.datamodule, "skipped_images", {}) or {})
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, skipped)
+            skipped = {path: reason for part in gathered for path, reason in part.items()}
+        new = {path: reason for path, reason in skipped.items() if path not in self.reported}
+        if not new or not trainer.is_global_zero:
+            self.reported.update(new)
+            return
+        self.reported.update(new)
+        listing = Path(trainer.log_dir or ".") / "skipped_images.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items())))
+        shown = "; ".join(f"{path} ({reason})" for path, reason in sorted(new.items())[:5])
+        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+        rank_zero_warn(
+            f"skipped {len(new)} unreadable image(s) this epoch ({len(skipped)} in all): {shown}{more}. "
+            f"Full list: {listing}. Fix or remove them, or set --data.on_bad_image error to stop at the first one."
+        )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._report(trainer)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer)

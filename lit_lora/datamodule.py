@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lit_lora import demo
 from lit_lora.cache import cached
-from lit_lora.images import FileTable, ImageDataset, ImageTable, SeededShuffleSampler
+from lit_lora.images import FileTable, ImageDataset, ImageTable, SeededShuffleSampler, collate_skipping_bad_images
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import (
@@ -67,6 +67,7 @@ class Food101DataModule(pl.LightningDataModule):
         fast_decode: bool = True,
         cache_dir: str | None = None,
         cache_short_side: int = 256,
+        on_bad_image: Literal["skip", "error"] = "skip",
     ) -> None:
         """Describe where the images are and how they are batched.
 
@@ -101,6 +102,8 @@ class Food101DataModule(pl.LightningDataModule):
                 and runs, rebuilt when the images change). Training images are cached with the shorter side at
                 ``cache_short_side``, validation and test images at the evaluation size. Off by default.
             cache_short_side: shorter side of cached training images; random crops are taken from these.
+            on_bad_image: what to do with a file that cannot be read (truncated, empty, not an image, too large):
+                ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model's hyperparameters hold the labels
@@ -119,6 +122,8 @@ class Food101DataModule(pl.LightningDataModule):
         self.fast_decode = fast_decode
         self.cache_dir = cache_dir
         self.cache_short_side = cache_short_side
+        self.on_bad_image = on_bad_image
+        self.skipped_images: dict[str, str] = {}  # file -> reason, filled as batches arrive
 
         processor = settings_from_processor(demo.resolve(image_processor)) if image_processor else None
         self.image_settings = ImageSettings(
@@ -259,7 +264,8 @@ class Food101DataModule(pl.LightningDataModule):
             if self.trainer is not None:
                 sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return DataLoader(
-            ImageDataset(table, transform),
+            ImageDataset(table, transform, self.on_bad_image),
+            collate_fn=collate_skipping_bad_images,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
             # A private generator for worker seeds: loading never draws from the global random state, which
@@ -289,6 +295,10 @@ class Food101DataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Turn uint8 pixels into normalised float pixels, on the device the batch now lives on."""
+        for path, reason in batch.pop("skipped", []):
+            self.skipped_images.setdefault(path, reason)
+        if "pixel_values" not in batch:  # every image of the batch was unreadable
+            return batch
         pixels = batch["pixel_values"]
         if pixels.device not in self._normalization:  # one host-to-device copy per device, not per batch
             self._normalization[pixels.device] = (

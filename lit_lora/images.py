@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -103,6 +103,14 @@ class HFTable(ImageTable):
         return HFTable(self.dataset.select(list(rows)), self.image_column, self.label_column, self.name)
 
 
+# What a broken, truncated, empty, non-image or oversized file raises while it is opened or decoded.
+BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
+
+
+class BadImageError(ValueError):
+    """An image that cannot be read, with where it is and what to do."""
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Torch dataset over an `ImageTable`: each item is ``{"pixel_values": uint8 CHW, "labels": int, "index": int}``.
 
@@ -114,23 +122,41 @@ class ImageDataset(torch.utils.data.Dataset):
     exactly the crops and flips an uninterrupted one would have seen.
     """
 
-    def __init__(self, table: ImageTable, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, table: ImageTable, transform: Callable[[Image.Image], torch.Tensor], on_bad_image: str = "skip") -> None:
         self.table = table
         self.transform = transform
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = key if isinstance(key, tuple) else (key, None)
-        with self.table.open(i) as image:
-            if seed is None:
-                pixels = self.transform(image)
-            else:
-                with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-                    torch.manual_seed(seed)
+        try:
+            with self.table.open(i) as image:
+                if seed is None:
                     pixels = self.transform(image)
+                else:
+                    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+                        torch.manual_seed(seed)
+                        pixels = self.transform(image)
+        except BAD_IMAGE_ERRORS as err:
+            reason = f"{type(err).__name__}: {err}"
+            if self.on_bad_image == "error":
+                raise BadImageError(
+                    f"cannot read image {self.table.describe(i)} ({reason}). Replace or delete the file, or set "
+                    "--data.on_bad_image skip to leave such files out and list them at the end of each epoch."
+                ) from err
+            return {"skipped": self.table.describe(i), "reason": reason}
         return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
+
+
+def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate` over the readable items; the unreadable ones travel as ``batch["skipped"]``."""
+    good = [item for item in items if "skipped" not in item]
+    batch = torch.utils.data.default_collate(good) if good else {}
+    batch["skipped"] = [(item["skipped"], item["reason"]) for item in items if "skipped" in item]
+    return batch
 
 
 class SeededShuffleSampler(torch.utils.data.Sampler):

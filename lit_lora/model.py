@@ -142,15 +142,32 @@ class LoRAImageClassifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         rank_zero_info(f"[lit_lora] {trainable_summary(self.model)}")
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if "pixel_values" not in batch:  # every image of the batch was unreadable and skipped
+            return None
         logits = self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"])
         self.train_metrics.update(logits, batch["labels"])
         self.log("train/loss", loss)  # not on the progress bar: that would sync with the device every step
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self._last_loss = (loss.detach(), batch_idx)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on a NaN or infinite loss, once per optimizer step (one device sync, not one per batch)."""
+        loss, batch_idx = getattr(self, "_last_loss", (None, 0))
+        if loss is not None and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at optimizer step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); training on it would only produce garbage. Likely causes: "
+                f"a learning rate too high (learning_rate={self.hparams.learning_rate}: try a smaller one or warmup), "
+                f"fp16 overflow (precision={self.trainer.precision}: try --trainer.precision bf16-mixed or 32-true), "
+                "or broken input images. Resume from the last good checkpoint with --ckpt_path."
+            )
+
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
+        if "pixel_values" not in batch:
+            return
         logits = self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"])
         loss_metric.update(loss, weight=batch["labels"].numel())
@@ -166,6 +183,8 @@ class LoRAImageClassifier(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Class probabilities of each image, with its index in the prediction set."""
+        if "pixel_values" not in batch:
+            return None
         return {"index": batch["index"], "probs": self(batch["pixel_values"]).float().softmax(dim=-1)}
 
     def configure_optimizers(self) -> dict[str, Any]:

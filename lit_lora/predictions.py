@@ -46,6 +46,7 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         part = path.with_name(f".{path.name}.rank{trainer.global_rank}.pt")
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        batches = [b for b in batches if b is not None]  # batches whose images were all unreadable
         torch.save(
             {key: torch.cat([b[key].cpu() for b in batches]) for key in ("index", "probs")} if batches else {},
             part,
