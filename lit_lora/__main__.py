@@ -1,11 +1,16 @@
 import os
+import signal
 import sys
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_lora.cli import cli_main
 
 if __name__ == "__main__":
     try:
         cli_main()
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)  # stopped by SIGTERM (after saving last.ckpt during fit), as shells report it
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         # Our errors say what was wrong, where, and what to do; a traceback would bury that.
         if os.environ.get("LIT_LORA_TRACEBACK"):

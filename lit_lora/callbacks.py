@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -10,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
@@ -73,6 +77,57 @@ class AdapterCheckpoint(ModelCheckpoint):
             if self.dirpath and (trainer.ckpt_path or not any(Path(self.dirpath).glob("*.ckpt"))):
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # Ctrl-C stops after the current batch, like SIGTERM, so the checkpoint it leaves has a clean loop state
+        # (a KeyboardInterrupt inside a hook would leave a batch trained but not counted). A second Ctrl-C stops now.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+            def stop_after_this_batch(signum: int, frame: Any) -> None:
+                rank_zero_info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once)")
+                trainer._signal_connector.received_sigterm = True  # what Lightning's own SIGTERM handler sets
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+            signal.signal(signal.SIGINT, stop_after_this_batch)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        previous = getattr(self, "_previous_sigint", None)
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+            self._previous_sigint = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        # Lightning 2.6 writes last.ckpt only when a top-k checkpoint was written at the same step, so after an
+        # epoch that did not improve val/acc, last.ckpt would be an epoch old: a resume would redo that epoch.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """On Ctrl-C or SIGTERM (a preempted machine) during fit, save ``last.ckpt`` to resume from."""
+        super().on_exception(trainer, pl_module, exception)  # Lightning's own save_on_exception, if turned on
+        self._restore_sigint()
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit" or not self.dirpath:
+            return
+        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        trainer.save_checkpoint(path)  # Lightning writes to a temporary file and renames it: never half-written
+        rank_zero_info(
+            f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
+            f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
+        )
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)

@@ -263,6 +263,10 @@ class Food101DataModule(pl.LightningDataModule):
             # epoch Lightning will pass (restored when resuming) so a resumed run does not replay epoch 0's order.
             if self.trainer is not None:
                 sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+                # Resuming from a checkpoint taken mid-epoch (Ctrl-C, SIGTERM): continue after the batches done.
+                done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                if self.trainer.fit_loop.restarting and done:
+                    sampler.skip_once(done * self.batch_size)
         return DataLoader(
             ImageDataset(table, transform, self.on_bad_image),
             collate_fn=collate_skipping_bad_images,

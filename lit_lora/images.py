@@ -170,10 +170,17 @@ class SeededShuffleSampler(torch.utils.data.Sampler):
         self.num_rows = num_rows
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation (and the augmentation seeds) of ``epoch``."""
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
+
+    def skip_once(self, items: int) -> None:
+        """Leave out the first ``items`` of the current epoch in the next pass (resuming in the middle of it)."""
+        self.skip = items
 
     def __len__(self) -> int:
         return self.num_rows
@@ -182,4 +189,5 @@ class SeededShuffleSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_rows, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (self.num_rows,), generator=generator).tolist()
-        return iter(zip(order, seeds))
+        skip, self.skip = self.skip, 0
+        return iter(list(zip(order, seeds))[skip:])
