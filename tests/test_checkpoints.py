@@ -134,3 +134,12 @@ def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, tiny_vit
     # Every training image exactly once per epoch, the interrupted epoch included: nothing replayed or missed.
     assert all(count == 1 for count in seen.values())
     assert Counter(epoch for epoch, _ in seen) == {0: 36, 1: 36, 2: 36}
+
+
+def test_last_checkpoint_follows_every_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
+    # learning_rate 0: val/acc never improves after epoch 0, so Lightning alone would not rewrite last.ckpt.
+    cli = fit(tmp_path, monkeypatch, common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--model.learning_rate=0")
+    run = Path(cli.trainer.checkpoint_callback.dirpath)
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert [p.name for p in run.glob("epoch=*.ckpt")] == ["epoch=0-val_acc=" + f"{float(cli.trainer.checkpoint_callback.best_model_score):.4f}.ckpt"]
+    assert (run / "adapter").is_dir() and (run / "adapter-last").is_dir()
