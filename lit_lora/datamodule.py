@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from lit_lora import demo
@@ -267,6 +268,12 @@ class Food101DataModule(pl.LightningDataModule):
                 done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
                 if self.trainer.fit_loop.restarting and done:
                     sampler.skip_once(done * self.batch_size)
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            # Evaluation under DDP: each image on exactly one process. Lightning's default DistributedSampler
+            # would pad with repeated images to even out the shards, and count them twice in val/acc.
+            sampler = UnrepeatedDistributedSampler(
+                range(len(table)), num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             ImageDataset(table, transform, self.on_bad_image),
             collate_fn=collate_skipping_bad_images,
