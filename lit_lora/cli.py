@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,18 @@ class LitLoRACLI(LightningCLI):
         parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
         parser.link_arguments("model.model_name_or_path", "data.image_processor")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here; a truncated or foreign file should say so.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(
+                f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                "It may be truncated (a copy still in progress?) or not a Lightning .ckpt; use last.ckpt or the "
+                "best epoch=*.ckpt of a run, or an adapter folder."
+            ) from err
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")

@@ -107,13 +107,21 @@ def open_class_folders(root: Path) -> ImageSource:
     class_names = sorted({c.name for folder in per_split.values() for c in _class_folders(folder)})
     label_of = {name: i for i, name in enumerate(class_names)}
     splits: dict[str, tuple[list[str], list[int]]] = {}
+    empty = []
     for split, folder in per_split.items():
         paths, labels = [], []
         for class_folder in _class_folders(folder):
             images = _list_images(class_folder)
+            if not images:
+                empty.append(str(class_folder))
             paths += [str(p) for p in images]
             labels += [label_of[class_folder.name]] * len(images)
         splits[split] = (paths, labels)
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folder(s) hold no image ({', '.join(IMAGE_EXTENSIONS)}): {empty[:5]}. "
+            "Add images or remove the folders."
+        )
 
     def read(split: str, rows: list[int]) -> ImageTable:
         paths, labels = splits[split]

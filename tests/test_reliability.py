@@ -119,3 +119,43 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "lit_lora: error: data_dir" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_model_that_does_not_exist_or_is_not_an_image_classifier(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    from lit_lora import LoRAImageClassifier
+
+    with pytest.raises(ValueError, match=r"model '.*nowhere' could not be loaded.*save_pretrained"):
+        LoRAImageClassifier(str(tmp_path / "nowhere"), class_names=["a", "b"])
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="is not an image classifier"):
+        LoRAImageClassifier(str(tmp_path / "bert"), class_names=["a", "b"])
+
+
+def test_data_problems_are_named(tmp_path: Path, class_folders_dir: str, food101_dir: str) -> None:
+    one_class = tmp_path / "one"
+    shutil.copytree(Path(class_folders_dir) / "tomato", one_class / "tomato")
+    with pytest.raises(ValueError, match="1 class"):
+        Food101DataModule(data_dir=str(one_class))
+    empty_class = Path(shutil.copytree(class_folders_dir, tmp_path / "empty-class"))
+    (empty_class / "nothing").mkdir()
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) hold no image.*nothing"):
+        Food101DataModule(data_dir=str(empty_class))
+    module = Food101DataModule(data_dir=food101_dir, train_split="train[:0]")
+    with pytest.raises(ValueError, match=r"train_split 'train\[:0\]' selects no image"):
+        module.setup("fit")
+
+
+def test_unreadable_checkpoint_and_unknown_key_are_named(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    import subprocess
+    import sys
+
+    broken = tmp_path / "last.ckpt"
+    broken.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
+    env = {"HF_HUB_OFFLINE": "1", "PATH": ""}
+    cwd = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "lit_lora", "validate", *common_args(tiny_vit, food101_dir), f"--ckpt_path={broken}"], capture_output=True, text=True, cwd=cwd, env=env)
+    assert result.returncode == 1 and "is not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "lit_lora", "fit", "--config", "configs/demo.yaml", "--model.rank=8"], capture_output=True, text=True, cwd=cwd, env=env)
+    assert result.returncode == 2 and "rank" in result.stderr
