@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -261,3 +261,87 @@ class SkippedImagesReport(pl.Callback):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer)
+
+
+class EvaluationReport(pl.Callback):
+    """After ``validate`` and ``test``: per-class precision/recall/F1/support (CSV and Markdown), the most confused
+    pairs and a confusion-matrix PNG, in ``<run>/validate_report/`` or ``<run>/test_report/``."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        """Choose whether to write it.
+
+        Args:
+            enabled: write the report after validate and test.
+        """
+        self.enabled = enabled
+        self.folder: Path | None = None
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, name: str) -> None:
+        confusion_metric = getattr(pl_module, f"{stage}_confusion", None)
+        if not self.enabled or confusion_metric is None or trainer.sanity_checking:
+            return
+        confusion = confusion_metric.compute().cpu().numpy()  # every process takes part in the reduction
+        if not trainer.is_global_zero:
+            return
+        from lit_lora.report import write_report
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        self.folder = write_report(confusion, list(pl_module.class_names), Path(trainer.log_dir or ".") / f"{name}_report", name, metrics)
+        rank_zero_info(f"[lit_lora] {name} report (per-class metrics, confused pairs, confusion matrix): {self.folder}")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "val", "validate")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, pl_module, "test", "test")
+
+
+class LearningRateLogger(LearningRateMonitor):
+    """Lightning's `LearningRateMonitor`, quiet instead of failing when the run has no logger."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class RunSummary(pl.Callback):
+    """At the end of ``fit``: a training-curves PNG, and a short summary of what the run produced and how fast."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lit_lora.report import human_size, plot_training_curves
+
+        lines = ["[lit_lora] fit finished"]
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_path:
+            best = Path(checkpoint.best_model_path)
+            epoch = torch.load(best, map_location="cpu", weights_only=True).get("epoch", "?") if best.is_file() else "?"
+            score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
+            lines.append(f"  best {checkpoint.monitor}: {score:.4f} (epoch {epoch})")
+            for path in (best, Path(checkpoint.last_model_path or ""), best.parent / "adapter", best.parent / "adapter-last"):
+                if path.is_file():
+                    lines.append(f"  {path}  {human_size(path.stat().st_size)}")
+                elif path.is_dir() and path.name.startswith("adapter"):
+                    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+                    lines.append(f"  {path}/  {human_size(size)} (PEFT adapter folder)")
+        throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputLogger)), None)
+        if throughput is not None and "fit_seconds" in throughput.summary:
+            lines.append(f"  wall time {throughput.summary['fit_seconds']:.1f} s, {throughput.summary['fit_images_per_sec']:.0f} training images/s")
+        for logger in trainer.loggers:
+            logger.save()
+        log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        if log_dir is not None:
+            curves = plot_training_curves(log_dir / "metrics.csv", log_dir / "training_curves.png")
+            if curves is not None:
+                lines.append(f"  training curves: {curves}")
+        rank_zero_info("\n".join(lines))

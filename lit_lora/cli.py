@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_lora.callbacks import AdapterCheckpoint, SkippedImagesReport, ThroughputLogger
+from lit_lora.callbacks import (
+    AdapterCheckpoint,
+    EvaluationReport,
+    LearningRateLogger,
+    RunSummary,
+    SkippedImagesReport,
+    ThroughputLogger,
+)
 from lit_lora.datamodule import Food101DataModule
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.model import LoRAImageClassifier
@@ -46,6 +53,9 @@ class LitLoRACLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
+        parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
+        parser.add_lightning_class_args(RunSummary, "summary")
         parser.link_arguments("model.model_name_or_path", "data.image_processor")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 

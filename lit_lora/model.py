@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from lit_lora import demo
 from lit_lora.lora import apply_lora, trainable_summary
@@ -134,6 +134,9 @@ class LoRAImageClassifier(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # For the evaluation report (per-class metrics, confusion matrix); reduced across processes like the rest.
+        self.val_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits for normalised pixels of shape (N, 3, H, W)."""
@@ -170,10 +173,17 @@ class LoRAImageClassifier(pl.LightningModule):
             return
         logits = self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"])
+        getattr(self, f"{stage}_confusion").update(logits.argmax(dim=-1), batch["labels"])
         loss_metric.update(loss, weight=batch["labels"].numel())
         metrics.update(logits, batch["labels"])
         self.log(f"{stage}/loss", loss_metric, prog_bar=True)
         self.log_dict(metrics, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_confusion.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_loss, "val")
