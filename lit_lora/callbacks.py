@@ -235,11 +235,13 @@ class SkippedImagesReport(pl.Callback):
             torch.distributed.all_gather_object(gathered, skipped)
             skipped = {path: reason for part in gathered for path, reason in part.items()}
         new = {path: reason for path, reason in skipped.items() if path not in self.reported}
-        if not new or not trainer.is_global_zero:
-            self.reported.update(new)
-            return
         self.reported.update(new)
-        listing = Path(trainer.log_dir or ".") / "skipped_images.txt"
+        if not new:
+            return
+        log_dir = Path(trainer.log_dir or ".")  # a collective under DDP: every process asks
+        if not trainer.is_global_zero:
+            return
+        listing = log_dir / "skipped_images.txt"
         listing.parent.mkdir(parents=True, exist_ok=True)
         listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items())))
         shown = "; ".join(f"{path} ({reason})" for path, reason in sorted(new.items())[:5])
@@ -281,12 +283,13 @@ class EvaluationReport(pl.Callback):
         if not self.enabled or confusion_metric is None or trainer.sanity_checking:
             return
         confusion = confusion_metric.compute().cpu().numpy()  # every process takes part in the reduction
+        log_dir = Path(trainer.log_dir or ".")  # so does asking for the log folder
         if not trainer.is_global_zero:
             return
         from lit_lora.report import write_report
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
-        self.folder = write_report(confusion, list(pl_module.class_names), Path(trainer.log_dir or ".") / f"{name}_report", name, metrics)
+        self.folder = write_report(confusion, list(pl_module.class_names), log_dir / f"{name}_report", name, metrics)
         rank_zero_info(f"[lit_lora] {name} report (per-class metrics, confused pairs, confusion matrix): {self.folder}")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,6 +320,7 @@ class RunSummary(pl.Callback):
     """At the end of ``fit``: a training-curves PNG, and a short summary of what the run produced and how fast."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = Path(trainer.log_dir) if trainer.log_dir else None  # a collective under DDP: every process asks
         if not trainer.is_global_zero:
             return
         from lit_lora.report import human_size, plot_training_curves
@@ -339,7 +343,6 @@ class RunSummary(pl.Callback):
             lines.append(f"  wall time {throughput.summary['fit_seconds']:.1f} s, {throughput.summary['fit_images_per_sec']:.0f} training images/s")
         for logger in trainer.loggers:
             logger.save()
-        log_dir = Path(trainer.log_dir) if trainer.log_dir else None
         if log_dir is not None:
             curves = plot_training_curves(log_dir / "metrics.csv", log_dir / "training_curves.png")
             if curves is not None:

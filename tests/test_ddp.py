@@ -35,7 +35,7 @@ def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, fo
     run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2"], tmp_path)
     run = tmp_path / "checkpoints" / "run" / "version_0"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
-        ["adapter", "adapter-last", "config.yaml", "hparams.yaml", "last.ckpt", "metrics.csv", next(run.glob("epoch=*.ckpt")).name]
+        ["adapter", "adapter-last", "config.yaml", "hparams.yaml", "last.ckpt", "metrics.csv", "training_curves.png", next(run.glob("epoch=*.ckpt")).name]
     )
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 5  # 34 images / 2 processes / 4 -> 5 steps
 
