@@ -220,7 +220,7 @@ class Food101DataModule(pl.LightningDataModule):
         result = cached(table, short_side, self.cache_dir, self.num_workers, build=True) if first else None
         if trainer is not None:
             trainer.strategy.barrier("lit_lora image cache")
-        return result or cached(table, short_side, self.cache_dir, self.num_workers, build=False)
+        return result if result is not None else cached(table, short_side, self.cache_dir, self.num_workers, build=False)
 
     def _require_source(self) -> ImageSource:
         if self.source is None:

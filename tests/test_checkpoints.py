@@ -143,3 +143,24 @@ def test_last_checkpoint_follows_every_epoch(tmp_path: Path, monkeypatch: pytest
     assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 2
     assert [p.name for p in run.glob("epoch=*.ckpt")] == ["epoch=0-val_acc=" + f"{float(cli.trainer.checkpoint_callback.best_model_score):.4f}.ckpt"]
     assert (run / "adapter").is_dir() and (run / "adapter-last").is_dir()
+
+
+def test_a_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
+    cli = fit(tmp_path, monkeypatch, common_args(tiny_vit, food101_dir), "--trainer.max_epochs=1")
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    before = last.read_bytes()
+
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.write(b"garbage")  # as if the process were killed while writing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        cli.trainer.save_checkpoint(last)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert last.read_bytes() == before
+    assert torch.load(last, weights_only=True)["global_step"] == cli.trainer.global_step
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
