@@ -76,6 +76,12 @@ class LitLoRACLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        problems = preflight_problems(subcommand, config)
+        if problems:
+            raise ValueError(
+                f"{len(problems)} problem(s) in the configuration, found before loading anything:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
         ckpt_path = config.get("ckpt_path")
         self.adapter_folder = ckpt_path if ckpt_path and is_adapter_folder(ckpt_path) else None
         if self.adapter_folder:
@@ -102,6 +108,37 @@ class LitLoRACLI(LightningCLI):
         super().instantiate_classes()
         if getattr(self, "adapter_folder", None):
             load_adapter_weights(self.model, self.adapter_folder)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def preflight_problems(subcommand: str, config: Any) -> list[str]:
+    """Every problem that can be seen in the parsed configuration alone, so that all are reported at once."""
+    problems = []
+    data, model = config.data, config.model
+    name = model.get("model_name_or_path") or ""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        problems.append(f"model.model_name_or_path {name!r} is not a folder (a hub id or a save_pretrained folder)")
+    data_dir = data.get("data_dir")
+    if data_dir and not str(data_dir).startswith("demo://") and not Path(data_dir).expanduser().is_dir():
+        problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
+    if not data_dir and not data.get("dataset") and subcommand != "predict":
+        problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
+    if not 0.0 < float(data.get("val_size", 0.1)) < 1.0:
+        problems.append(f"data.val_size must be between 0 and 1 (exclusive), got {data.get('val_size')}")
+    for key in ("batch_size", "eval_batch_size"):
+        if data.get(key) is not None and int(data.get(key)) < 1:
+            problems.append(f"data.{key} must be at least 1, got {data.get(key)}")
+    if subcommand == "predict" and not data.get("predict_dir"):
+        problems.append("predict needs images: set data.predict_dir to a folder or a list of image files")
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
+        problems.append(f"ckpt_path {ckpt_path!r} does not exist")
+    if float(model.get("learning_rate", 1.0)) < 0 and subcommand == "fit":
+        problems.append(f"model.learning_rate must not be negative, got {model.get('learning_rate')}")
+    return problems
 
 
 def continue_in_run_folder(config: Any, ckpt_path: Path) -> None:

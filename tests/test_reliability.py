@@ -117,7 +117,7 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={"HF_HUB_OFFLINE": "1", "PATH": ""},
     )
     assert result.returncode == 1
-    assert "lit_lora: error: data_dir" in result.stderr and "does not exist" in result.stderr
+    assert "lit_lora: error: 1 problem(s) in the configuration" in result.stderr and "data.data_dir" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -159,3 +159,18 @@ def test_unreadable_checkpoint_and_unknown_key_are_named(tmp_path: Path, tiny_vi
     assert result.returncode == 1 and "is not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, "-m", "lit_lora", "fit", "--config", "configs/demo.yaml", "--model.rank=8"], capture_output=True, text=True, cwd=cwd, env=env)
     assert result.returncode == 2 and "rank" in result.stderr
+
+
+def test_configuration_problems_are_reported_together(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_lora", "fit", "--config", "configs/demo.yaml", f"--model.model_name_or_path={tmp_path / 'no-model'}",
+         f"--data.data_dir={tmp_path / 'no-data'}", "--data.val_size=1.5", f"--ckpt_path={tmp_path / 'no.ckpt'}"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
+    assert result.returncode == 1
+    assert "4 problem(s) in the configuration" in result.stderr
+    for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "no.ckpt' does not exist"):
+        assert fragment in result.stderr
