@@ -108,6 +108,20 @@ class LitLoRACLI(LightningCLI):
         super().instantiate_classes()
         if getattr(self, "adapter_folder", None):
             load_adapter_weights(self.model, self.adapter_folder)
+        add_tensorboard_beside_csv(self.trainer)
+
+
+def add_tensorboard_beside_csv(trainer: Any) -> None:
+    """When tensorboard is installed and the run logs to one CSVLogger, also log to TensorBoard, in the same
+    run folder (``tensorboard --logdir checkpoints``). Any other logger setup is left as configured."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+
+    if not _TENSORBOARD_AVAILABLE or len(trainer.loggers) != 1 or type(trainer.loggers[0]) is not CSVLogger:
+        return
+    csv_logger = trainer.loggers[0]
+    board = TensorBoardLogger(save_dir=csv_logger.save_dir, name=csv_logger.name, version=csv_logger.version, default_hp_metric=False)
+    trainer.loggers = [csv_logger, board]
 
 
 def _looks_local(name: str) -> bool:

@@ -34,7 +34,7 @@ def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, fo
     args = [a for a in common_args(tiny_vit, food101_dir) if "val_size" not in a] + ["--data.val_size=0.3", "--data.batch_size=4"]
     run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2"], tmp_path)
     run = tmp_path / "checkpoints" / "run" / "version_0"
-    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith((".", "events.out.tfevents"))) == sorted(
         ["adapter", "adapter-last", "config.yaml", "hparams.yaml", "last.ckpt", "metrics.csv", "training_curves.png", next(run.glob("epoch=*.ckpt")).name]
     )
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 5  # 34 images / 2 processes / 4 -> 5 steps

@@ -63,3 +63,17 @@ def test_cluster_order_puts_confused_classes_together() -> None:
     order = list(cluster_order(confusion))
     assert sorted(order) == [0, 1, 2, 3, 4]
     assert abs(order.index(0) - order.index(3)) == 1 and abs(order.index(1) - order.index(4)) == 1
+
+
+def test_tensorboard_logs_beside_the_csv_when_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=2"])
+    run = Path(cli.trainer.log_dir)
+    assert [type(logger).__name__ for logger in cli.trainer.loggers] == ["CSVLogger", "TensorBoardLogger"]
+    events = list(run.glob("events.out.tfevents.*"))
+    assert events and (run / "metrics.csv").is_file()
+    scalars = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    assert {"val/acc", "train/loss", "train/images_per_sec"} <= set(scalars)
