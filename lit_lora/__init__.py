@@ -1,6 +1,6 @@
 """LoRA fine-tuning of image classifiers with PyTorch Lightning, PEFT and Transformers."""
 
-from lit_lora.callbacks import AdapterCheckpoint
+from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.datamodule import Food101DataModule
 from lit_lora.model import LoRAImageClassifier
 

@@ -12,14 +12,8 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_lora.callbacks import (
-    AdapterCheckpoint,
-    EvaluationReport,
-    LearningRateLogger,
-    RunSummary,
-    SkippedImagesReport,
-    ThroughputLogger,
-)
+from lit_lora.checkpointing import AdapterCheckpoint
+from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.model import LoRAImageClassifier

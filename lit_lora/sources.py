@@ -64,6 +64,17 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _file_source(kind: str, root: Path, class_names: list[str], splits: dict[str, tuple[list[str], list[int]]]) -> ImageSource:
+    """An `ImageSource` over image files listed per split as (paths, labels)."""
+
+    def read(split: str, rows: list[int]) -> ImageTable:
+        paths, labels = splits[split]
+        return FileTable([paths[r] for r in rows], [labels[r] for r in rows])
+
+    sizes = {name: len(paths) for name, (paths, _) in splits.items()}
+    return ImageSource(kind, str(root), class_names, sizes, "test" if "test" in splits else None, read)
+
+
 def open_food101_archive(root: Path) -> ImageSource:
     """Read the original Food-101 archive layout: ``images/<class>/<id>.jpg`` and ``meta/{classes,train,test}.txt``."""
     class_names = (root / "meta" / "classes.txt").read_text().split()
@@ -80,18 +91,7 @@ def open_food101_archive(root: Path) -> ImageSource:
         paths = [str(root / "images" / f"{entry}.jpg") for entry in entries]
         splits[split] = (paths, [label_of[e.split("/")[0]] for e in entries])
 
-    def read(split: str, rows: list[int]) -> ImageTable:
-        paths, labels = splits[split]
-        return FileTable([paths[r] for r in rows], [labels[r] for r in rows])
-
-    return ImageSource(
-        "Food-101 archive layout",
-        str(root),
-        class_names,
-        {name: len(paths) for name, (paths, _) in splits.items()},
-        "test" if "test" in splits else None,
-        read,
-    )
+    return _file_source("Food-101 archive layout", root, class_names, splits)
 
 
 def open_class_folders(root: Path) -> ImageSource:
@@ -123,18 +123,7 @@ def open_class_folders(root: Path) -> ImageSource:
             "Add images or remove the folders."
         )
 
-    def read(split: str, rows: list[int]) -> ImageTable:
-        paths, labels = splits[split]
-        return FileTable([paths[r] for r in rows], [labels[r] for r in rows])
-
-    return ImageSource(
-        kind,
-        str(root),
-        class_names,
-        {name: len(paths) for name, (paths, _) in splits.items()},
-        "test" if "test" in splits else None,
-        read,
-    )
+    return _file_source(kind, root, class_names, splits)
 
 
 def open_local_folder(data_dir: str | os.PathLike) -> ImageSource:
