@@ -259,7 +259,8 @@ class Food101DataModule(pl.LightningDataModule):
         transform = make_transform(self.image_settings, self.fast_decode)
         sampler = None
         if train:
-            sampler = SeededShuffleSampler(len(table), self.seed)
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank)
             # Workers prefetch as soon as the iterator exists, before Lightning calls set_epoch: start at the
             # epoch Lightning will pass (restored when resuming) so a resumed run does not replay epoch 0's order.
             if self.trainer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -159,18 +160,28 @@ def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class SeededShuffleSampler(torch.utils.data.Sampler):
+class SeededShuffleSampler(torch.utils.data.distributed.DistributedSampler):
     """Shuffles rows anew each epoch as a pure function of ``(seed, epoch)``, and gives each item its own seed.
 
     Lightning calls `set_epoch` before every epoch. Nothing here draws from the global random state, so the
     order and the augmentations of epoch N are the same whether or not the run was interrupted before it.
+    Under DDP each process takes every ``num_replicas``-th item of the same permutation (padded, as
+    `DistributedSampler` does, so all processes run the same number of batches). Being a `DistributedSampler`,
+    Lightning uses it as it is instead of wrapping it, which would freeze each image's augmentation seed.
     """
 
-    def __init__(self, num_rows: int, seed: int) -> None:
+    def __init__(self, num_rows: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        # Not DistributedSampler.__init__: it wants a dataset and an initialised process group.
         self.num_rows = num_rows
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
         self.skip = 0
+        self.num_samples = math.ceil(num_rows / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.shuffle = True
+        self.drop_last = False
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation (and the augmentation seeds) of ``epoch``."""
@@ -179,15 +190,17 @@ class SeededShuffleSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def skip_once(self, items: int) -> None:
-        """Leave out the first ``items`` of the current epoch in the next pass (resuming in the middle of it)."""
+        """Leave out the first ``items`` of this process's share of the current epoch in the next pass (resuming)."""
         self.skip = items
 
     def __len__(self) -> int:
-        return self.num_rows
+        return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_rows, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (self.num_rows,), generator=generator).tolist()
+        items = list(zip(order, seeds))
+        items += items[: self.total_size - len(items)]  # pad so that every process gets num_samples items
         skip, self.skip = self.skip, 0
-        return iter(list(zip(order, seeds))[skip:])
+        return iter(items[self.rank : self.total_size : self.num_replicas][skip:])

@@ -54,3 +54,24 @@ def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, fo
     assert [r["path"] for r in rows] == images
     assert not list(tmp_path.glob(".predictions.csv.*"))  # the per-process parts are merged and removed
     assert yaml.safe_load((run / "hparams.yaml").read_text())["class_names"] == ["tomato", "matcha", "blueberry", "banana"]
+
+
+class RecordPixels(__import__("lightning").pytorch.Callback):
+    """Appends (epoch, image index, pixel sum) of every training image this process sees to pixels-rank<N>.txt."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(f"pixels-rank{trainer.global_rank}.txt", "a") as f:
+            for index, pixels in zip(batch["index"], batch["pixel_values"]):
+                f.write(f"{trainer.current_epoch} {int(index)} {float(pixels.sum()):.3f}\n")
+
+
+def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    args = [a for a in common_args(tiny_vit, food101_dir) if "val_size" not in a] + ["--data.val_size=0.3", "--data.batch_size=4"]
+    run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_ddp.RecordPixels"], tmp_path)
+    seen = [line.split() for rank in (0, 1) for line in (tmp_path / f"pixels-rank{rank}.txt").read_text().splitlines()]
+    for epoch in ("0", "1"):
+        indices = sorted(int(i) for e, i, _ in seen if e == epoch)
+        assert indices == list(range(34))  # 34 training images, each once per epoch across both processes
+    pixels = {(e, i): p for e, i, p in seen}
+    changed = sum(pixels[("0", str(i))] != pixels[("1", str(i))] for i in range(34))
+    assert changed >= 30  # a new random crop and flip for (nearly) every image in the second epoch
