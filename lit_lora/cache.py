@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from lit_lora.files import write_folder
-from lit_lora.images import BAD_IMAGE_ERRORS, FileTable, HFTable, ImageTable, to_rgb
+from lit_lora.images import BAD_IMAGE_ERRORS, FileTable, HFTable, ImageTable, exif_orientation, to_rgb
 
 CACHE_FORMAT = 2
 
@@ -63,7 +63,7 @@ class _Resize(torch.utils.data.Dataset):
             return i, None
         try:
             with self.table.open(i) as image:
-                upright = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                upright = exif_orientation(image) >= 5
                 image.draft("RGB", (height, width) if upright else (width, height))
                 rgb = to_rgb(image)
             if rgb.size != (width, height):
@@ -81,7 +81,7 @@ def _header_shape(table: ImageTable, i: int, short_side: int) -> tuple[int, int]
     try:
         with table.open(i) as image:
             width, height = image.size
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored sideways: shown the other way round
+            if exif_orientation(image) >= 5:  # stored sideways: shown the other way round
                 width, height = height, width
     except BAD_IMAGE_ERRORS:
         return 0, 0

@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lora.checkpointing import AdapterCheckpoint
@@ -86,12 +85,11 @@ class LitLoRACLI(LightningCLI):
                 config.model[key] = value
             config.data.image_processor = settings["model_name_or_path"]  # the link ran before this change
             config.ckpt_path = None
-        elif ckpt_path and Path(ckpt_path).is_file():
-            class_names = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {}).get("class_names")
-            if subcommand == "fit":
-                continue_in_run_folder(config, Path(ckpt_path))
         else:
-            class_names = None
+            # LightningCLI has already copied a checkpoint's hyperparameters (its labels too) into config.model.
+            class_names = config.model.get("class_names")
+            if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
+                continue_in_run_folder(config, Path(ckpt_path))
         # predict needs no labelled data: take the labels from the checkpoint. validate/test compare them instead.
         if subcommand == "predict" and class_names and not config.data.get("class_names"):
             config.data.class_names = list(class_names)

@@ -14,6 +14,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright as stored; 5-8 = stored sideways), read from the header only."""
+    orientation = image.getexif().get(0x0112, 1)
+    return orientation if orientation in range(2, 9) else 1
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return ``image`` upright (EXIF orientation applied) in RGB, as every model here expects.
 

@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 from torchvision.transforms import v2
 
-from lit_lora.images import to_rgb
+from lit_lora.images import exif_orientation, to_rgb
 
 # ViTImageProcessor's defaults, used when no image processor is named.
 DEFAULT_SIZE = 224
@@ -87,7 +87,7 @@ def _output_size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def _can_draft(image: Image.Image) -> bool:
     # JPEGs the decoder can scale, upright as stored (EXIF rotation would move the crop).
-    return image.format == "JPEG" and image.getexif().get(0x0112, 1) not in range(2, 9)
+    return image.format == "JPEG" and exif_orientation(image) == 1
 
 
 def _crop_resize(image: Image.Image, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> Image.Image:
