@@ -77,6 +77,32 @@ def make_images(root: Path, count: int) -> Path:
     return root
 
 
+def guide_split(data: Path, seed: int, work: Path) -> Path:
+    """The guide's own train/validation split of ``data`` as a Food-101-layout folder lit_lora can read.
+
+    The guide loads the images with the ``imagefolder`` builder and holds out ``train_test_split(test_size=0.1,
+    seed)``; the same call here lists its training images in ``meta/train.txt`` and its validation images in
+    ``meta/test.txt`` (the images folder is linked, not copied), so that lit_lora, run with
+    ``--data.val_split test``, trains and validates on exactly the guide's images.
+    """
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    root = (data / "images" if (data / "images").is_dir() else data).resolve()
+    dataset = load_dataset("imagefolder", data_dir=str(root), split="train")
+    splits = dataset.train_test_split(test_size=0.1, seed=seed)
+    folder = work / f"{data.name}-guide-split-{seed}"
+    (folder / "meta").mkdir(parents=True, exist_ok=True)
+    if not (folder / "images").exists():
+        (folder / "images").symlink_to(root)
+    (folder / "meta" / "classes.txt").write_text("\n".join(dataset.features["label"].names) + "\n")
+    for split, listing in (("train", "train.txt"), ("test", "test.txt")):
+        files = splits[split].cast_column("image", ImageFeature(decode=False))["image"]
+        entries = [Path(f["path"]).relative_to(root).with_suffix("").as_posix() for f in files]
+        (folder / "meta" / listing).write_text("\n".join(entries) + "\n")
+    return folder
+
+
 def run(name: str, command: list[str], log: Path) -> dict:
     """Run ``command``; return its wall time, peak RSS of it and its children, and its output."""
     print(f"--- {name}: {' '.join(command)}", flush=True)
@@ -96,7 +122,7 @@ def lit_lora_run(name: str, args: argparse.Namespace, model: Path, data: Path, w
     runs = work / "runs"
     command = [
         sys.executable, "-m", "lit_lora", "fit", "--config", "configs/food101_vit_lora.yaml",
-        f"--model.model_name_or_path={model}", f"--data.data_dir={data}", "--data.train_split=train",
+        f"--model.model_name_or_path={model}", f"--data.data_dir={data}", "--data.train_split=train", "--data.val_split=test",
         f"--data.batch_size={args.batch_size}", f"--data.eval_batch_size={args.batch_size}",
         f"--trainer.accumulate_grad_batches={args.accumulation}", f"--trainer.max_epochs={args.epochs}",
         f"--trainer.accelerator={'gpu' if args.gpu else 'cpu'}", f"--trainer.precision={'16-mixed' if args.gpu else '32-true'}",
@@ -121,7 +147,7 @@ def lit_lora_run(name: str, args: argparse.Namespace, model: Path, data: Path, w
     return result
 
 
-def guide_run(name: str, args: argparse.Namespace, model: Path, data: Path, work: Path, workers: int) -> dict:
+def guide_run(name: str, args: argparse.Namespace, model: Path, data: Path, split: Path, work: Path, workers: int) -> dict:
     out = work / f"{name}.json"
     command = [
         sys.executable, str(REPO / "benchmarks" / "guide_pipeline.py"), f"--model_dir={model}", f"--data_dir={data}",
@@ -130,6 +156,9 @@ def guide_run(name: str, args: argparse.Namespace, model: Path, data: Path, work
     ]
     result = run(name, command, work / f"{name}.log")
     result.update(json.loads(out.read_text()))
+    ours = {str((split / "images" / f"{e}.jpg").resolve()) for e in (split / "meta" / "test.txt").read_text().split()}
+    if set(result.pop("val_files")) != ours:
+        raise SystemExit(f"{name} validated on other images than {split}/meta/test.txt: the accuracies would not compare")
     return result
 
 
@@ -159,24 +188,25 @@ def main() -> None:
     t0 = time.perf_counter()
     model = args.model_dir or make_model(args.work_dir / ("vit-b16" if args.vit_b16 else "vit-small"), args.vit_b16)
     data = args.data_dir or make_images(args.work_dir / f"images-{args.images}", args.images)
-    print(f"assets ready in {time.perf_counter() - t0:.0f} s: model {model}, images {data}", flush=True)
+    split = guide_split(data, args.seed, args.work_dir)  # lit_lora trains and validates on the guide's split
+    print(f"assets ready in {time.perf_counter() - t0:.0f} s: model {model}, images {data}, the guide's split {split}", flush=True)
 
     results = []
     if not args.skip_guide:
         for workers in args.guide_workers:
-            results.append(guide_run(f"guide-workers{workers}", args, model, data, args.work_dir, workers))
-    results.append(lit_lora_run("lit_lora", args, model, data, args.work_dir, []))
+            results.append(guide_run(f"guide-workers{workers}", args, model, data, split, args.work_dir, workers))
+    results.append(lit_lora_run("lit_lora", args, model, split, args.work_dir, []))
     cache_dir = args.work_dir / f"image-cache-{os.getpid()}"  # cold: built inside the measured run
     if args.cache:
-        results.append(lit_lora_run("lit_lora-cached", args, model, data, args.work_dir, [f"--data.cache_dir={cache_dir}"]))
+        results.append(lit_lora_run("lit_lora-cached", args, model, split, args.work_dir, [f"--data.cache_dir={cache_dir}"]))
     if args.compiled:
-        results.append(lit_lora_run("lit_lora-compiled", args, model, data, args.work_dir, ["--model.compile=true"]))
+        results.append(lit_lora_run("lit_lora-compiled", args, model, split, args.work_dir, ["--model.compile=true"]))
     fitted = results[-1]
     if args.validate:
         ckpt = Path(fitted["run_dir"]) / "last.ckpt"
         command = [
             sys.executable, "-m", "lit_lora", "validate", "--config", "configs/food101_vit_lora.yaml", f"--ckpt_path={ckpt}",
-            f"--data.data_dir={data}", "--data.train_split=train", f"--data.eval_batch_size={args.batch_size * 2}",
+            f"--data.data_dir={split}", "--data.train_split=train", "--data.val_split=test", f"--data.eval_batch_size={args.batch_size * 2}",
             "--trainer.enable_progress_bar=false", f"--trainer.accelerator={'gpu' if args.gpu else 'cpu'}",
             f"--trainer.precision={'16-mixed' if args.gpu else '32-true'}", f"--trainer.logger.init_args.save_dir={args.work_dir / 'runs'}",
         ] + ([f"--data.num_workers={args.workers}"] if args.workers is not None else [])

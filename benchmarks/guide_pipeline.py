@@ -35,6 +35,7 @@ def main() -> None:
 
     from pathlib import Path
 
+    from datasets import Image as ImageFeature
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
     from torchvision.transforms import (
@@ -77,6 +78,8 @@ def main() -> None:
     splits = dataset.train_test_split(test_size=0.1, seed=args.seed)
     train_ds = splits["train"]
     val_ds = splits["test"]
+    # Not the guide's: which images it validates on, so that the comparison can check lit_lora used the same ones.
+    val_files = [str(Path(f["path"]).resolve()) for f in val_ds.cast_column("image", ImageFeature(decode=False))["image"]]
     train_ds.set_transform(preprocess_train)
     val_ds.set_transform(preprocess_val)
 
@@ -148,11 +151,12 @@ def main() -> None:
         "train_runtime": train_results.metrics["train_runtime"],
         "val_acc_per_epoch": history,
         "optimizer_steps": trainer.state.global_step,
+        "val_files": val_files,
     }
     if gpu:
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     Path(args.result).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "val_files"}))
 
 
 if __name__ == "__main__":

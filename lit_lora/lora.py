@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from typing import Any
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -134,7 +135,34 @@ def apply_lora(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         **options,
     )
-    return get_peft_model(model, config)
+    return use_fast_lora_dropout(get_peft_model(model, config))
+
+
+class LoRADropout(nn.Dropout):
+    """`nn.Dropout` with a cheaper mask on the CPU; on other devices it is `nn.Dropout` itself.
+
+    On the CPU, torch's dropout draws its Bernoulli mask element by element (about 14 ms for the LoRA input of
+    a 128-image batch of a small ViT, a sixth of the whole training step). ``rand >= p`` gives the same mask
+    distribution from torch's own generator (so seeding and resuming are unchanged) at about half the cost.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0.0
+        return x * torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)
+
+
+def use_fast_lora_dropout(model: PeftModel) -> PeftModel:
+    """Swap the `nn.Dropout` on each LoRA layer's input for `LoRADropout` (same probability), in place."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is nn.Dropout:
+                    dropouts[name] = LoRADropout(dropout.p)
+    return model
 
 
 def trainable_summary(model: PeftModel) -> str:

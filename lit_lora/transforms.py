@@ -10,6 +10,8 @@ Two ways to do the geometric part, both taking a lazily opened PIL image and ret
   decoder can skip what the crop throws away: libjpeg decodes at 1/2, 1/4 or 1/8 scale (``Image.draft``)
   whenever the crop still has at least the output's resolution at that scale, and crop + resize are one
   antialiased ``Image.resize(box=...)``. torchvision cannot do this: its transforms start from decoded pixels.
+  Pixels from the image cache are already decoded: they are cropped as a tensor view and resized with torch's
+  uint8 antialiased bilinear kernel (PIL's filter to within one grey level, about 3x faster than PIL's resize).
 """
 
 from __future__ import annotations
@@ -85,26 +87,44 @@ def _output_size(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else size
 
 
-def _can_draft(image: Image.Image) -> bool:
-    # JPEGs the decoder can scale, upright as stored (EXIF rotation would move the crop).
+def _crop_first(image: Image.Image) -> bool:
+    """Whether the crop can be computed from the header: a JPEG upright as stored (EXIF rotation would move the
+    crop), or an RGB image already in memory (the image cache's: upright, no EXIF)."""
+    if image.format is None:
+        return image.mode == "RGB"
     return image.format == "JPEG" and exif_orientation(image) == 1
 
 
-def _crop_resize(image: Image.Image, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> Image.Image:
-    """Crop ``box`` (in the image's full-size coordinates) and resize it to ``out_hw``, decoding as little as possible."""
+def _crop_resize(image: Image.Image, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> torch.Tensor:
+    """Crop ``box`` (in the image's full-size coordinates) and resize it to ``out_hw`` (uint8 CHW), decoding as
+    little as possible."""
     full_w, full_h = image.size
     left, top, right, bottom = box
     out_h, out_w = out_hw
-    if _can_draft(image):
+    if image.format == "JPEG":
         # Ask for the smallest decode in which the box still has at least the output's pixels.
         need_w = math.ceil(full_w * out_w / max(right - left, 1e-6))
         need_h = math.ceil(full_h * out_h / max(bottom - top, 1e-6))
         if need_w < full_w and need_h < full_h:
             image.draft("RGB", (need_w, need_h))
     sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    whole_pixels = (sx, sy) == (1.0, 1.0) and all(float(v).is_integer() for v in box)
+    if whole_pixels and image.format is None:
+        # Pixels already in memory (the image cache): crop as a view, resize with torch's antialiased bilinear
+        # kernel for uint8, which is PIL's filter (within one grey level) at about a third of PIL's time.
+        l, t, r, b = (int(v) for v in box)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, t:b, l:r]
+        if pixels.shape[1:] == (out_h, out_w):
+            return pixels
+        return torch.nn.functional.interpolate(pixels[None], size=(out_h, out_w), mode="bilinear", antialias=True)[0]
     image = to_rgb(image) if image.mode not in ("RGB", "L") else image
-    resized = image.resize((out_w, out_h), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
-    return resized.convert("RGB") if resized.mode != "RGB" else resized
+    if whole_pixels:
+        # Full resolution, whole-pixel box: crop, then resize, exactly as torchvision does (a box resize would
+        # also weigh in pixels just outside the box at its edges).
+        resized = image.crop(tuple(int(v) for v in box)).resize((out_w, out_h), Image.BILINEAR)
+    else:
+        resized = image.resize((out_w, out_h), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
+    return _to_tensor(resized.convert("RGB") if resized.mode != "RGB" else resized)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -116,7 +136,7 @@ class FastTrainCrop:
 
     Crop parameters come from torchvision (`RandomResizedCrop.get_params`, the same distribution), computed on
     the header's size; the decoder then works at the smallest scale that keeps the crop at full output resolution.
-    Images that are not plain JPEGs take the guide's path.
+    Images that are neither plain JPEGs nor cached pixels take the guide's path.
     """
 
     def __init__(self, settings: ImageSettings, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
@@ -126,13 +146,11 @@ class FastTrainCrop:
         self.fallback = guide_train_transform(settings)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if not _can_draft(image):
+        if not _crop_first(image):
             return self.fallback(image)
         top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
         cropped = _crop_resize(image, (left, top, left + width, top + height), self.out_hw)
-        if torch.rand(1).item() < 0.5:
-            cropped = cropped.transpose(Image.FLIP_LEFT_RIGHT)
-        return _to_tensor(cropped)
+        return cropped.flip(-1) if torch.rand(1).item() < 0.5 else cropped
 
 
 class FastEvalCrop:
@@ -144,7 +162,7 @@ class FastEvalCrop:
         self.fallback = guide_eval_transform(settings)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if not _can_draft(image):
+        if not _crop_first(image):
             return self.fallback(image)
         w, h = image.size
         # The size torchvision's Resize would produce, then CenterCrop's offsets, mapped back to full size.
@@ -153,7 +171,7 @@ class FastEvalCrop:
         top, left = round((resized_h - out_h) / 2.0), round((resized_w - out_w) / 2.0)
         sx, sy = w / resized_w, h / resized_h
         box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-        return _to_tensor(_crop_resize(image, box, self.out_hw))
+        return _crop_resize(image, box, self.out_hw)
 
 
 def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Image.Image], torch.Tensor]:

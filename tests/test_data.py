@@ -82,6 +82,13 @@ def test_slicing_follows_datasets_grammar() -> None:
     assert slice_indices("train[:2]+test[:1]", sizes) == {"train": [0, 1], "test": [0]}
     with pytest.raises(ValueError, match="Available splits"):
         slice_indices("validation[:5]", sizes)
+    from datasets import ReadInstruction
+
+    # A bare split name skips importing `datasets`; it must select what the grammar would.
+    whole = ReadInstruction.from_spec("test").to_absolute(sizes)[0]
+    assert slice_indices("test", sizes) == {"test": list(range(whole.from_, whole.to))}
+    with pytest.raises(ValueError, match="Available splits"):
+        slice_indices("validation", sizes)
 
 
 def test_split_is_seeded_stratified_and_exact() -> None:
@@ -160,3 +167,60 @@ def test_default_workers_come_from_the_cpu_count(food101_dir: str) -> None:
 
     module = Food101DataModule(data_dir=food101_dir)
     assert module.num_workers == min(len(os.sched_getaffinity(0)), 16) > 0
+
+
+def test_item_seeds_fix_the_augmentation_without_touching_the_callers_random_stream(food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_lora.images import ImageDataset
+    from lit_lora.transforms import ImageSettings, train_transform
+
+    table = open_local_folder(food101_dir).select("train")
+    dataset = ImageDataset(table, train_transform(ImageSettings(24, (0.5,) * 3, (0.5,) * 3)))
+    torch.manual_seed(11)
+    with Image.open(table.paths[5]) as image:
+        expected = dataset.transform(image)
+
+    def seeds_every_device(*args: object) -> None:
+        raise AssertionError("torch.manual_seed also seeds CUDA (and formats a stack trace) on every image")
+
+    monkeypatch.setattr(torch, "manual_seed", seeds_every_device)
+    before = torch.get_rng_state()
+    item = dataset[(5, 11)]
+    assert torch.equal(item["pixel_values"], expected)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(dataset[(5, 12)]["pixel_values"], expected)
+
+
+def test_val_split_validates_on_those_images_and_trains_on_all_of_train_split(food101_dir: str) -> None:
+    module = Food101DataModule(data_dir=food101_dir, train_split="train", val_split="test[:6]", val_size=0, num_workers=0)
+    module.setup("fit")
+    source = open_local_folder(food101_dir)
+    assert module.train_table.paths == source.select("train").paths  # nothing held out
+    assert module.val_table.paths == source.select("test[:6]").paths
+    with pytest.raises(ValueError, match="val_split 'test\\[5:5\\]' selects no image"):
+        Food101DataModule(data_dir=food101_dir, train_split="train", val_split="test[5:5]", num_workers=0).setup("fit")
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        import os
+
+        return os.nice(0)
+
+
+def test_loader_workers_yield_the_cpu_to_training_on_the_cpu(food101_dir: str) -> None:
+    import os
+
+    import lightning.pytorch as pl
+
+    module = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=1)
+    module.setup("fit")
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    loader = module.train_dataloader()
+    assert loader.worker_init_fn is not None
+    probe = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=loader.worker_init_fn)
+    assert list(probe) == [torch.tensor(os.nice(0) + 10)] * 2
+    module.trainer = None  # a loader built outside a CPU trainer leaves its workers alone
+    assert module.train_dataloader().worker_init_fn is None

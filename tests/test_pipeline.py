@@ -57,6 +57,34 @@ def test_non_jpeg_images_take_the_guides_path_exactly(tmp_path: Path) -> None:
         assert torch.equal(run(make(SETTINGS, True), path, 3), run(make(SETTINGS, False), path, 3))
 
 
+def test_cached_pixels_get_the_guides_training_crops_within_one_level(tmp_path: Path) -> None:
+    # The cache hands out in-memory RGB images: same seed -> the guide's crop box and flip, cropped as a view and
+    # resized by torch's uint8 antialiased bilinear kernel instead of PIL's (same filter, rounding may differ by 1).
+    table = cached(FileTable([str(photo(tmp_path / "a.jpg", (320, 240)))], [0]), 96, tmp_path / "cache", num_workers=0)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        fast = train_transform(SETTINGS, True)(table.open(0))
+        torch.manual_seed(seed)
+        guide = train_transform(SETTINGS, False)(table.open(0))
+        assert fast.shape == guide.shape == (3, 64, 64) and fast.dtype == guide.dtype == torch.uint8
+        difference = (fast.int() - guide.int()).abs()
+        assert difference.max() <= 1 and difference.float().mean() < 0.3  # most pixels equal, none off by more than 1
+    # Cached validation images are stored at the evaluation size: the centre crop is a plain crop.
+    evaluation = cached(FileTable([str(tmp_path / "a.jpg")], [0]), 64, tmp_path / "cache", num_workers=0)
+    assert torch.equal(eval_transform(SETTINGS, True)(evaluation.open(0)), eval_transform(SETTINGS, False)(evaluation.open(0)))
+
+
+def test_cache_built_by_worker_processes_equals_one_built_in_process(tmp_path: Path) -> None:
+    paths = [str(photo(tmp_path / f"{i}.jpg", (90 + 7 * i, 60), seed=i)) for i in range(37)]  # 3 chunks, uneven sizes
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    table = FileTable(paths + [str(tmp_path / "broken.jpg")], [0] * 38)
+    alone = cached(table, 40, tmp_path / "alone", num_workers=0)
+    workers = cached(table, 40, tmp_path / "workers", num_workers=2)
+    assert (tmp_path / "alone" / cache_key(table, 40) / "pixels.u8").read_bytes() == (tmp_path / "workers" / cache_key(table, 40) / "pixels.u8").read_bytes()
+    assert list(workers.bad) == [False] * 37 + [True]
+    assert np.asarray(workers.open(0)).shape == (40, 60, 3) and np.asarray(workers.open(36)).shape == (40, 228, 3)
+
+
 def test_cache_serves_resized_images_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = [str(photo(tmp_path / f"{i}.jpg", (120, 90), seed=i)) for i in range(5)]
     paths.append(str(tmp_path / "gray.jpg"))
@@ -76,7 +104,7 @@ def test_cache_serves_resized_images_and_is_reused(tmp_path: Path, monkeypatch: 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cache was built again")
 
-    monkeypatch.setattr(cache_module, "_Resize", no_rebuild)
+    monkeypatch.setattr(cache_module, "_ResizeInto", no_rebuild)
     cached(table, 48, tmp_path / "cache", num_workers=0)  # same images: read, not rebuilt
 
 
@@ -96,19 +124,19 @@ def test_cache_key_follows_the_images(tmp_path: Path) -> None:
 def test_interrupted_cache_build_leaves_nothing_that_reads_as_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = [str(photo(tmp_path / f"{i}.jpg", (60, 60), seed=i)) for i in range(4)]
     table = FileTable(paths, [0, 1, 0, 1])
-    original = cache_module._Resize.__getitem__
+    original = cache_module._ResizeInto._write
 
     def dies_at_third(self, i):
         if i == 2:
             raise KeyboardInterrupt  # as a Ctrl-C in the middle of the build
         return original(self, i)
 
-    monkeypatch.setattr(cache_module._Resize, "__getitem__", dies_at_third)
+    monkeypatch.setattr(cache_module._ResizeInto, "_write", dies_at_third)
     with pytest.raises(KeyboardInterrupt):
         cached(table, 32, tmp_path / "cache", num_workers=0)
     assert not (tmp_path / "cache" / cache_key(table, 32)).exists()
     assert not list((tmp_path / "cache").iterdir())  # the staging folder is gone too
-    monkeypatch.setattr(cache_module._Resize, "__getitem__", original)
+    monkeypatch.setattr(cache_module._ResizeInto, "_write", original)
     assert len(cached(table, 32, tmp_path / "cache", num_workers=0)) == 4
 
 
