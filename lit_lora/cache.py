@@ -48,6 +48,17 @@ def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def resize_uint8(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """``image`` as uint8 HWC pixels of ``height`` x ``width``, resized with torch's antialiased bilinear kernel
+    for uint8 (PIL's filter to within one grey level, in about half of PIL's time)."""
+    pixels = np.array(image, dtype=np.uint8)
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
+    return resized[0].permute(1, 2, 0).contiguous().numpy()
+
+
 class _ResizeInto(torch.utils.data.Dataset):
     """Item ``k`` decodes (at reduced scale where libjpeg can) and resizes the ``k``-th chunk of images, writing the
     pixels straight into the cache file; runs in loader workers, so only row numbers travel between processes."""
@@ -80,10 +91,7 @@ class _ResizeInto(torch.utils.data.Dataset):
             with self.table.open(i) as image:
                 upright = exif_orientation(image) >= 5
                 image.draft("RGB", (height, width) if upright else (width, height))
-                rgb = to_rgb(image)
-                if rgb.size != (width, height):
-                    rgb = rgb.resize((width, height), Image.BILINEAR)
-                pixels = rgb.tobytes()
+                pixels = resize_uint8(to_rgb(image), height, width).tobytes()
         except BAD_IMAGE_ERRORS:
             return False  # recorded as unreadable; the data module skips or reports it when it is read
         os.pwrite(self._fd, pixels, int(self.offsets[i]))
