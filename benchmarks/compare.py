@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--predict", action="store_true", help="also measure lit_lora predict (inference) throughput")
     parser.add_argument("--cache", action="store_true", help="also run lit_lora with its image cache, built (cold) inside that run")
     parser.add_argument("--validate", action="store_true", help="also measure lit_lora validate (inference on the held-out images)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything this many times, alternating (noisy machines)")
     parser.add_argument("--skip_guide", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work_dir", type=Path, default=REPO / "benchmarks" / ".cache")
@@ -192,15 +194,17 @@ def main() -> None:
     print(f"assets ready in {time.perf_counter() - t0:.0f} s: model {model}, images {data}, the guide's split {split}", flush=True)
 
     results = []
-    if not args.skip_guide:
-        for workers in args.guide_workers:
-            results.append(guide_run(f"guide-workers{workers}", args, model, data, split, args.work_dir, workers))
-    results.append(lit_lora_run("lit_lora", args, model, split, args.work_dir, []))
-    cache_dir = args.work_dir / f"image-cache-{os.getpid()}"  # cold: built inside the measured run
-    if args.cache:
-        results.append(lit_lora_run("lit_lora-cached", args, model, split, args.work_dir, [f"--data.cache_dir={cache_dir}"]))
-    if args.compiled:
-        results.append(lit_lora_run("lit_lora-compiled", args, model, split, args.work_dir, ["--model.compile=true"]))
+    for round_ in range(1, args.rounds + 1):  # rounds alternate the runs, so slow spells of the machine hit both
+        tag = f"-round{round_}" if args.rounds > 1 else ""
+        if not args.skip_guide:
+            for workers in args.guide_workers:
+                results.append(guide_run(f"guide-workers{workers}{tag}", args, model, data, split, args.work_dir, workers))
+        results.append(lit_lora_run(f"lit_lora{tag}", args, model, split, args.work_dir, []))
+        cache_dir = args.work_dir / f"image-cache-{os.getpid()}-{round_}"  # cold: built inside the measured run
+        if args.cache:
+            results.append(lit_lora_run(f"lit_lora-cached{tag}", args, model, split, args.work_dir, [f"--data.cache_dir={cache_dir}"]))
+        if args.compiled:
+            results.append(lit_lora_run(f"lit_lora-compiled{tag}", args, model, split, args.work_dir, ["--model.compile=true"]))
     fitted = results[-1]
     if args.validate:
         ckpt = Path(fitted["run_dir"]) / "last.ckpt"
@@ -236,13 +240,23 @@ def main() -> None:
         epochs = " ".join(f"{v:.0f}" for v in r.get("epoch_images_per_sec", []))
         gpu = f"{r['peak_gpu_memory_gb']:.1f}" if "peak_gpu_memory_gb" in r else "-"
         print(f"| {r['name']} | {r['wall_seconds']:.1f} | {speed:.0f} | {epochs} | {r['peak_rss_gb']:.2f} | {gpu} | {accs} |")
-    for ours in (r for r in results if r["name"] in ("lit_lora", "lit_lora-cached", "lit_lora-compiled")):
+    def base(name: str) -> str:
+        return re.sub(r"-round\d+$", "", name)
+
+    ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for ours in (r for r in results if base(r["name"]) in ("lit_lora", "lit_lora-cached", "lit_lora-compiled")):
+        round_tag = ours["name"][len(base(ours["name"])):]
         for r in results:
-            if r["name"].startswith("guide"):
-                print(
-                    f"{ours['name']} vs {r['name']}: wall time {ours['wall_seconds'] / r['wall_seconds']:.2f}x "
-                    f"(lit_lora / guide), training throughput {ours['fit_images_per_sec'] / r['fit_images_per_sec']:.2f}x"
+            if r["name"].startswith("guide") and r["name"][len(base(r["name"])):] == round_tag:
+                ratios.setdefault((base(ours["name"]), base(r["name"])), []).append(
+                    (ours["wall_seconds"] / r["wall_seconds"], ours["fit_images_per_sec"] / r["fit_images_per_sec"])
                 )
+    for (ours_name, guide_name), pairs in ratios.items():
+        each = ", ".join(f"{w:.2f}x" for w, _ in pairs)
+        print(
+            f"{ours_name} vs {guide_name}: wall time {statistics.median(p[0] for p in pairs):.2f}x (lit_lora / guide; "
+            f"median of {len(pairs)} round(s): {each}), training throughput {statistics.median(p[1] for p in pairs):.2f}x"
+        )
     if args.result:
         args.result.write_text(json.dumps([{k: v for k, v in r.items() if k != "log"} for r in results], indent=2))
 
