@@ -99,6 +99,7 @@ class Food101DataModule(pl.LightningDataModule):
             batch_size: images per training batch (per process).
             eval_batch_size: images per validation/test/predict batch; defaults to ``batch_size``.
             num_workers: loader worker processes; defaults to the number of CPU cores available (at most 16).
+                When the model trains on the CPU they run at a lower priority (nice 10) than its threads.
             pin_memory: pin host memory of batches for faster copies to the GPU.
             persistent_workers: keep workers alive between epochs.
             image_processor: model id or folder whose image processor gives size, mean and std. The CLI links
