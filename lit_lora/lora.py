@@ -141,9 +141,10 @@ def apply_lora(
 class LoRADropout(nn.Dropout):
     """`nn.Dropout` with a cheaper mask on the CPU; on other devices it is `nn.Dropout` itself.
 
-    On the CPU, torch's dropout draws its Bernoulli mask element by element (about 14 ms for the LoRA input of
-    a 128-image batch of a small ViT, a sixth of the whole training step). ``rand >= p`` gives the same mask
-    distribution from torch's own generator (so seeding and resuming are unchanged) at about half the cost.
+    On the CPU, torch's dropout draws its Bernoulli mask element by element (9 ms for the LoRA input of a
+    128-image batch of a small ViT; 4 such layers, so LoRA dropout is a fifth of its training step). ``rand >= p``
+    gives the same mask distribution from torch's own generator (so seeding and resuming are unchanged) in half
+    that time: the whole step 3-4% faster.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
