@@ -54,7 +54,8 @@ class Food101DataModule(pl.LightningDataModule):
     """Food-101 the way the PEFT LoRA guide uses it, from the hub or from local files.
 
     Training images come from ``train_split``; a seeded, stratified ``val_size`` share of them is held out for
-    validation, unless ``val_split`` names images to validate on. The test split is the source's official one (Food-101's ``test.txt``, the hub's ``validation``).
+    validation, unless ``val_split`` names images to validate on. The test split is the source's official one
+    (Food-101's ``test.txt``, the hub's ``validation``).
     """
 
     def __init__(
