@@ -24,6 +24,7 @@ from PIL import Image
 
 from lit_lora.files import write_folder
 from lit_lora.images import BAD_IMAGE_ERRORS, FileTable, HFTable, ImageTable, exif_orientation, to_rgb
+from lit_lora.transforms import resize_uint8
 
 CACHE_FORMAT = 2
 
@@ -46,17 +47,6 @@ def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
     """(height, width) with the shorter side at ``short_side`` (images already smaller keep their size)."""
     scale = min(1.0, short_side / min(width, height))
     return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize_uint8(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """``image`` as uint8 HWC pixels of ``height`` x ``width``, resized with torch's antialiased bilinear kernel
-    for uint8 (PIL's filter to within one grey level, in about half of PIL's time)."""
-    pixels = np.array(image, dtype=np.uint8)
-    if pixels.shape[:2] == (height, width):
-        return pixels
-    chw = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-    resized = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
-    return resized[0].permute(1, 2, 0).contiguous().numpy()
 
 
 class _ResizeInto(torch.utils.data.Dataset):
@@ -91,7 +81,8 @@ class _ResizeInto(torch.utils.data.Dataset):
             with self.table.open(i) as image:
                 upright = exif_orientation(image) >= 5
                 image.draft("RGB", (height, width) if upright else (width, height))
-                pixels = resize_uint8(to_rgb(image), height, width).tobytes()
+                upright_rgb = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+                pixels = resize_uint8(upright_rgb, height, width).permute(1, 2, 0).contiguous().numpy().tobytes()
         except BAD_IMAGE_ERRORS:
             return False  # recorded as unreadable; the data module skips or reports it when it is read
         os.pwrite(self._fd, pixels, int(self.offsets[i]))
@@ -136,7 +127,8 @@ class CachedTable(ImageTable):
             raise OSError("the file could not be decoded when the image cache was built")
         height, width = (int(v) for v in self.shapes[row])
         start = int(self.offsets[row])
-        return Image.fromarray(np.array(self._pixels[start : start + height * width * 3]).reshape(height, width, 3))
+        # PIL copies RGB pixels out of the memmap (it shares memory only for modes such as L and RGBA).
+        return Image.fromarray(self._pixels[start : start + height * width * 3].reshape(height, width, 3))
 
     def describe(self, i: int) -> str:
         return self.names[i]

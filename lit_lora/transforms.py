@@ -113,15 +113,20 @@ def _crop_resize(image: Image.Image, box: tuple[float, float, float, float], out
         # Pixels already in memory (the image cache): crop as a view, resize with torch's antialiased bilinear
         # kernel for uint8, which is PIL's filter (within one grey level) at about a third of PIL's time.
         l, t, r, b = (int(v) for v in box)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, t:b, l:r]
-        if pixels.shape[1:] == (out_h, out_w):
-            return pixels
-        return torch.nn.functional.interpolate(pixels[None], size=(out_h, out_w), mode="bilinear", antialias=True)[0]
+        return resize_uint8(torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, t:b, l:r], out_h, out_w)
     image = to_rgb(image) if image.mode not in ("RGB", "L") else image
     # One resize of the box (no cropped copy); unlike crop-then-resize, the filter also weighs in the pixels just
     # outside the box at its edges (0.06-0.09 grey levels on average on real photos: benchmarks/decode.py).
     resized = image.resize((out_w, out_h), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
     return _to_tensor(resized.convert("RGB") if resized.mode != "RGB" else resized)
+
+
+def resize_uint8(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 CHW pixels resized to ``height`` x ``width`` with torch's antialiased bilinear kernel for uint8: PIL's
+    filter to within one grey level, in a third to a half of PIL's time. Pixels already that size are returned."""
+    if pixels.shape[1:] == (height, width):
+        return pixels
+    return torch.nn.functional.interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True)[0]
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
