@@ -119,19 +119,28 @@ def run(name: str, command: list[str], log: Path) -> dict:
     return {"name": name, "wall_seconds": wall, "peak_rss_gb": usage.ru_maxrss / 1e6, "log": text}
 
 
-def lit_lora_run(name: str, args: argparse.Namespace, model: Path, data: Path, work: Path, extra: list[str]) -> dict:
-    runs = work / "runs"
+def lit_lora_command(subcommand: str, args: argparse.Namespace, work: Path, *options: str) -> list[str]:
+    """``python -m lit_lora SUBCOMMAND`` with the recipe config, this benchmark's device, precision, loader
+    workers and run folder, then ``options``."""
     command = [
-        sys.executable, "-m", "lit_lora", "fit", "--config", "configs/food101_vit_lora.yaml",
-        f"--model.model_name_or_path={model}", f"--data.data_dir={data}", "--data.train_split=train", "--data.val_split=test",
-        f"--data.batch_size={args.batch_size}", f"--data.eval_batch_size={args.batch_size}",
-        f"--trainer.accumulate_grad_batches={args.accumulation}", f"--trainer.max_epochs={args.epochs}",
+        sys.executable, "-m", "lit_lora", subcommand, "--config", "configs/food101_vit_lora.yaml",
         f"--trainer.accelerator={'gpu' if args.gpu else 'cpu'}", f"--trainer.precision={'16-mixed' if args.gpu else '32-true'}",
-        f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.enable_progress_bar=false", f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
+        f"--trainer.logger.init_args.save_dir={work / 'runs'}", "--trainer.enable_progress_bar=false",
     ]
     if args.workers is not None:
         command.append(f"--data.num_workers={args.workers}")
+    return command + list(options)
+
+
+def lit_lora_run(name: str, args: argparse.Namespace, model: Path, data: Path, work: Path, extra: list[str]) -> dict:
+    runs = work / "runs"
+    command = lit_lora_command(
+        "fit", args, work,
+        f"--model.model_name_or_path={model}", f"--data.data_dir={data}", "--data.train_split=train", "--data.val_split=test",
+        f"--data.batch_size={args.batch_size}", f"--data.eval_batch_size={args.batch_size}",
+        f"--trainer.accumulate_grad_batches={args.accumulation}", f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.logger.init_args.name={name}", f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
+    )
     result = run(name, command + extra, work / f"{name}.log")
     match = re.search(r"fit: (\d+) training images in ([\d.]+) s .*?: (\d+) images/s", result["log"])
     result["fit_seconds"], result["fit_images_per_sec"] = float(match.group(2)), float(match.group(3))
@@ -208,12 +217,10 @@ def main() -> None:
     fitted = results[-1]
     if args.validate:
         ckpt = Path(fitted["run_dir"]) / "last.ckpt"
-        command = [
-            sys.executable, "-m", "lit_lora", "validate", "--config", "configs/food101_vit_lora.yaml", f"--ckpt_path={ckpt}",
-            f"--data.data_dir={split}", "--data.train_split=train", "--data.val_split=test", f"--data.eval_batch_size={args.batch_size * 2}",
-            "--trainer.enable_progress_bar=false", f"--trainer.accelerator={'gpu' if args.gpu else 'cpu'}",
-            f"--trainer.precision={'16-mixed' if args.gpu else '32-true'}", f"--trainer.logger.init_args.save_dir={args.work_dir / 'runs'}",
-        ] + ([f"--data.num_workers={args.workers}"] if args.workers is not None else [])
+        command = lit_lora_command(
+            "validate", args, args.work_dir, f"--ckpt_path={ckpt}", f"--data.data_dir={split}", "--data.train_split=train",
+            "--data.val_split=test", f"--data.eval_batch_size={args.batch_size * 2}",
+        )
         command += [f"--data.cache_dir={cache_dir}"] if args.cache else []
         result = run("lit_lora-validate", command, args.work_dir / "lit_lora-validate.log")
         match = re.search(r"validate: (\d+) images in ([\d.]+) s: (\d+) images/s", result["log"])
@@ -221,12 +228,10 @@ def main() -> None:
         results.append(result)
     if args.predict:
         adapter = Path(fitted["run_dir"]) / "adapter-last"
-        command = [
-            sys.executable, "-m", "lit_lora", "predict", "--config", "configs/food101_vit_lora.yaml", f"--ckpt_path={adapter}",
-            f"--data.predict_dir={data}", f"--data.eval_batch_size={args.batch_size * 2}", "--trainer.enable_progress_bar=false",
-            f"--trainer.accelerator={'gpu' if args.gpu else 'cpu'}", f"--trainer.precision={'16-mixed' if args.gpu else '32-true'}",
-            f"--trainer.logger.init_args.save_dir={args.work_dir / 'runs'}", f"--predictions.output_path={args.work_dir / 'predictions.csv'}",
-        ] + ([f"--data.num_workers={args.workers}"] if args.workers is not None else [])
+        command = lit_lora_command(
+            "predict", args, args.work_dir, f"--ckpt_path={adapter}", f"--data.predict_dir={data}",
+            f"--data.eval_batch_size={args.batch_size * 2}", f"--predictions.output_path={args.work_dir / 'predictions.csv'}",
+        )
         result = run("lit_lora-predict", command, args.work_dir / "lit_lora-predict.log")
         match = re.search(r"predict: (\d+) images in ([\d.]+) s: (\d+) images/s", result["log"])
         result["predict_images_per_sec"] = float(match.group(3))
