@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
-from lit_lora.datamodule import Food101DataModule
+from lit_lora.datamodule import Food101DataModule, settings_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.model import LoRAImageClassifier
 from lit_lora.predictions import PredictionWriter
@@ -132,11 +132,13 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
         problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
     if not data_dir and not data.get("dataset") and subcommand != "predict":
         problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
-    if data.get("val_split") is None and not 0.0 < float(data.get("val_size", 0.1)) < 1.0:
-        problems.append(f"data.val_size must be between 0 and 1 (exclusive), got {data.get('val_size')}")
-    for key in ("batch_size", "eval_batch_size"):
-        if data.get(key) is not None and int(data.get(key)) < 1:
-            problems.append(f"data.{key} must be at least 1, got {data.get(key)}")
+    batch_size, workers = data.get("batch_size"), data.get("num_workers")
+    problems += settings_problems(
+        float(data.get("val_size", 0.1)), data.get("val_split"), 1 if batch_size is None else int(batch_size),
+        None if workers is None else int(workers), prefix="data.",
+    )
+    if data.get("eval_batch_size") is not None and int(data.get("eval_batch_size")) < 1:
+        problems.append(f"data.eval_batch_size must be at least 1, got {data.get('eval_batch_size')}")
     if subcommand == "predict" and not data.get("predict_dir"):
         problems.append("predict needs images: set data.predict_dir to a folder or a list of image files")
     ckpt_path = config.get("ckpt_path")

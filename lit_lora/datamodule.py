@@ -40,6 +40,21 @@ def default_num_workers() -> int:
     return max(1, min(cores, 16))
 
 
+def settings_problems(
+    val_size: float, val_split: str | None, batch_size: int, num_workers: int | None, prefix: str = ""
+) -> list[str]:
+    """What is wrong with these `Food101DataModule` settings, each problem naming its setting as ``prefix + name``
+    (the CLI checks its configuration with this before building anything)."""
+    problems = []
+    if val_split is None and not 0.0 < val_size < 1.0:
+        problems.append(f"{prefix}val_size must be between 0 and 1 (exclusive), got {val_size}")
+    if batch_size < 1:
+        problems.append(f"{prefix}batch_size must be at least 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        problems.append(f"{prefix}num_workers must be 0 or more, got {num_workers}")
+    return problems
+
+
 def _lower_priority(worker_id: int) -> None:
     """Run a loader worker at a lower CPU priority (nice 10).
 
@@ -161,13 +176,7 @@ class Food101DataModule(pl.LightningDataModule):
         self._normalization: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _check(self) -> None:
-        problems = []
-        if self.val_split is None and not 0.0 < self.val_size < 1.0:
-            problems.append(f"val_size must be between 0 and 1 (exclusive), got {self.val_size}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
+        problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
         if problems:
             raise ValueError("Food101DataModule: " + "; ".join(problems) + ".")
 
