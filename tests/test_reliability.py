@@ -167,10 +167,10 @@ def test_configuration_problems_are_reported_together(tmp_path: Path) -> None:
 
     result = subprocess.run(
         [sys.executable, "-m", "lit_lora", "fit", "--config", "configs/demo.yaml", f"--model.model_name_or_path={tmp_path / 'no-model'}",
-         f"--data.data_dir={tmp_path / 'no-data'}", "--data.val_size=1.5", f"--ckpt_path={tmp_path / 'no.ckpt'}"],
+         f"--data.data_dir={tmp_path / 'no-data'}", "--data.val_size=1.5", "--data.num_workers=-1", f"--ckpt_path={tmp_path / 'no.ckpt'}"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={"HF_HUB_OFFLINE": "1", "PATH": ""},
     )
     assert result.returncode == 1
-    assert "4 problem(s) in the configuration" in result.stderr
-    for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "no.ckpt' does not exist"):
+    assert "5 problem(s) in the configuration" in result.stderr
+    for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "num_workers must be 0 or more", "no.ckpt' does not exist"):
         assert fragment in result.stderr
