@@ -110,4 +110,6 @@ def test_lora_dropout_on_cpu_is_a_cheaper_mask_with_dropouts_statistics() -> Non
     assert torch.allclose(x.grad, kept.float() / 0.9)  # gradient flows through the kept inputs only
     torch.manual_seed(3)
     assert torch.equal(dropout(x), y)  # torch's generator: seeding and checkpointed RNG states still apply
+    assert not torch.equal(dropout(x) != 0, kept)  # a new mask for each call
+    assert dropout(x.detach().bfloat16()).dtype == torch.bfloat16  # the input's precision is kept
     assert torch.equal(dropout.eval()(x), x)
