@@ -15,6 +15,7 @@ from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule, settings_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
+from lit_lora.host_memory import ReuseHostMemory
 from lit_lora.model import LoRAImageClassifier
 from lit_lora.predictions import PredictionWriter
 
@@ -38,6 +39,7 @@ class LitLoRACLI(LightningCLI):
     - ``data.class_names`` → ``model.class_names`` (the data knows its labels);
     - ``model.model_name_or_path`` → ``data.image_processor`` (the model knows its input size, mean and std);
     - an `AdapterCheckpoint` under ``checkpoint.*`` and a `PredictionWriter` under ``predictions.*``, on by default;
+    - `ReuseHostMemory` under ``host_memory.*``: faster steps when the model runs on CPUs;
     - ``--ckpt_path`` may also be a PEFT adapter folder written by ``fit`` or ``export``.
     """
 
@@ -49,6 +51,7 @@ class LitLoRACLI(LightningCLI):
         parser.add_lightning_class_args(EvaluationReport, "report")
         parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(ReuseHostMemory, "host_memory")
         parser.link_arguments("model.model_name_or_path", "data.image_processor")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
