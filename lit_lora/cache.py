@@ -12,6 +12,7 @@ the cache and cropping it costs a fraction of that, which is what lets a few cor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -82,10 +83,11 @@ class _ResizeInto(torch.utils.data.Dataset):
                 upright = exif_orientation(image) >= 5
                 image.draft("RGB", (height, width) if upright else (width, height))
                 upright_rgb = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
-                pixels = resize_uint8(upright_rgb, height, width).permute(1, 2, 0).contiguous().numpy().tobytes()
+                # Channels-last in, channels-last out: HWC without a transposing copy.
+                pixels = resize_uint8(upright_rgb, height, width).permute(1, 2, 0).contiguous().numpy()
         except BAD_IMAGE_ERRORS:
             return False  # recorded as unreadable; the data module skips or reports it when it is read
-        os.pwrite(self._fd, pixels, int(self.offsets[i]))
+        os.pwrite(self._fd, pixels, int(self.offsets[i]))  # straight from the array's memory (no bytes copy)
         return True
 
 
@@ -119,16 +121,30 @@ class CachedTable(ImageTable):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pixels": None}
 
-    def open(self, i: int) -> Image.Image:
+    def pixels(self, i: int) -> np.ndarray:
+        """Row ``i``'s pixels, HWC uint8, as a view of the cache file (no copy; do not write to it).
+
+        Raises:
+            OSError: the source image could not be decoded when the cache was built.
+        """
         if self._pixels is None:
-            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
+            # Copy-on-write ("c"): nothing writes to it, but torch.from_numpy warns about read-only arrays.
+            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="c")
         row = int(self.rows[i])
         if self.bad[row]:
             raise OSError("the file could not be decoded when the image cache was built")
         height, width = (int(v) for v in self.shapes[row])
         start = int(self.offsets[row])
+        return self._pixels[start : start + height * width * 3].reshape(height, width, 3)
+
+    def open(self, i: int) -> Image.Image:
         # PIL copies RGB pixels out of the memmap (it shares memory only for modes such as L and RGBA).
-        return Image.fromarray(self._pixels[start : start + height * width * 3].reshape(height, width, 3))
+        return Image.fromarray(self.pixels(i))
+
+    def read(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """Row ``i`` as a uint8 CHW tensor viewing the cache file: the transforms crop it without copying the
+        image twice through PIL (about 0.3 ms of 0.65 per cached training image)."""
+        return contextlib.nullcontext(torch.from_numpy(self.pixels(i)).permute(2, 0, 1))
 
     def describe(self, i: int) -> str:
         return self.names[i]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data._utils.collate import collate_tensor_fn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -76,6 +77,11 @@ class ImageTable:
     def open(self, i: int) -> Image.Image:
         """Return row ``i`` as a lazily opened PIL image (header read, pixels not yet decoded)."""
         raise NotImplementedError
+
+    def read(self, i: int) -> contextlib.AbstractContextManager[Image.Image | torch.Tensor]:
+        """Row ``i`` as the transforms take it: a lazily opened PIL image here; a uint8 CHW tensor (a view, no
+        copy) in tables that hold decoded pixels (the image cache). Use as ``with table.read(i) as image:``."""
+        return self.open(i)
 
     def load(self, i: int) -> Image.Image:
         """Return row ``i`` decoded, upright, in RGB."""
@@ -152,7 +158,9 @@ class ImageDataset(torch.utils.data.Dataset):
     exactly the crops and flips an uninterrupted one would have seen.
     """
 
-    def __init__(self, table: ImageTable, transform: Callable[[Image.Image], torch.Tensor], on_bad_image: str = "skip") -> None:
+    def __init__(
+        self, table: ImageTable, transform: Callable[[Image.Image | torch.Tensor], torch.Tensor], on_bad_image: str = "skip"
+    ) -> None:
         self.table = table
         self.transform = transform
         self.on_bad_image = on_bad_image
@@ -163,7 +171,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            with self.table.open(i) as image:
+            with self.table.read(i) as image:
                 if seed is None:
                     pixels = self.transform(image)
                 else:
@@ -180,10 +188,25 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
 
 
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack uint8 CHW images into an NCHW batch, channels-last in memory when every image is (a plain copy of each
+    image instead of a transposing one); in a loader worker, into shared memory as `default_collate` does.
+
+    Crops resized from decoded or cached pixels are channels-last (`transforms.resize_uint8`): stacking them as
+    NCHW planes would transpose each one. The device gets contiguous NCHW floats either way (`normalize_on_device`).
+    """
+    if all(image.stride(0) == 1 for image in images):
+        return collate_tensor_fn([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return collate_tensor_fn(images)
+
+
 def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`default_collate` over the readable items; the unreadable ones travel as ``batch["skipped"]``."""
+    """`default_collate` over the readable items, pixels stacked by `stack_images` (keeping a channels-last
+    layout); the unreadable ones travel as ``batch["skipped"]``."""
     good = [item for item in items if "skipped" not in item]
-    batch = torch.utils.data.default_collate(good) if good else {}
+    batch = torch.utils.data.default_collate([{k: v for k, v in item.items() if k != "pixel_values"} for item in good]) if good else {}
+    if good:
+        batch["pixel_values"] = stack_images([item["pixel_values"] for item in good])
     batch["skipped"] = [(item["skipped"], item["reason"]) for item in items if "skipped" in item]
     return batch
 

@@ -224,3 +224,25 @@ def test_loader_workers_yield_the_cpu_to_training_on_the_cpu(food101_dir: str) -
     assert list(probe) == [torch.tensor(os.nice(0) + 10)] * 2
     module.trainer = None  # a loader built outside a CPU trainer leaves its workers alone
     assert module.train_dataloader().worker_init_fn is None
+
+
+def test_cached_images_load_in_the_training_process_when_training_on_the_cpu(tmp_path: Path, food101_dir: str) -> None:
+    import lightning.pytorch as pl
+
+    cpu = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module = Food101DataModule(data_dir=food101_dir, train_split="train", cache_dir=str(tmp_path / "cache"), cache_short_side=40)
+    module.setup("fit")
+    module.trainer = cpu
+    assert module.num_workers > 0  # the cache was built by worker processes
+    assert module.train_dataloader().num_workers == module.val_dataloader().num_workers == 0
+    assert not module.train_dataloader().persistent_workers
+    module.trainer = None  # not on a CPU trainer: worker processes as usual
+    assert module.train_dataloader().num_workers == module.num_workers
+    chosen = Food101DataModule(data_dir=food101_dir, train_split="train", cache_dir=str(tmp_path / "cache"), cache_short_side=40, num_workers=1)
+    chosen.setup("fit")
+    chosen.trainer = cpu
+    assert chosen.train_dataloader().num_workers == 1  # an explicit num_workers is kept
+    uncached = Food101DataModule(data_dir=food101_dir, train_split="train")
+    uncached.setup("fit")
+    uncached.trainer = cpu
+    assert uncached.train_dataloader().num_workers == uncached.num_workers  # JPEGs: workers

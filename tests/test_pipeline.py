@@ -157,3 +157,43 @@ def test_data_module_reads_from_the_cache(tmp_path: Path, food101_dir: str, tiny
     plain = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, num_workers=0, image_processor=tiny_vit)
     plain.setup("fit")
     assert module.val_table.names == plain.val_table.paths  # same split, same order, reported by source path
+
+
+def test_cached_images_reach_the_transforms_as_views_of_the_cache_file(tmp_path: Path) -> None:
+    # No PIL round trip for cached pixels: the same crops as through a PIL image of them, without the two copies.
+    from lit_lora.images import ImageDataset
+
+    paths = [str(photo(tmp_path / f"{i}.jpg", (160, 120), seed=i)) for i in range(3)]
+    table = cached(FileTable(paths, [0, 1, 0]), 72, tmp_path / "cache", num_workers=0)
+    with table.read(1) as pixels:
+        assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.shape == (3, 72, 96)
+        assert np.shares_memory(pixels.numpy(), table._pixels)  # a view of the memory-mapped file
+        assert torch.equal(pixels.permute(1, 2, 0), torch.from_numpy(np.asarray(table.open(1))))
+    for make in (train_transform, eval_transform):
+        for fast in (True, False):
+            dataset = ImageDataset(table, make(SETTINGS, fast))
+            for i in range(3):
+                torch.manual_seed(i)  # what the dataset's item seed i does for the augmentation
+                assert torch.equal(dataset[(i, i)]["pixel_values"], make(SETTINGS, fast)(table.open(i)))
+
+
+def test_channels_last_pixels_are_resized_and_stacked_without_transposing() -> None:
+    from lit_lora.images import stack_images
+    from lit_lora.transforms import normalize_on_device, resize_uint8
+
+    hwc = torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8)
+    images = []
+    for chw in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1)[:, 5:70, 10:100], hwc.permute(2, 0, 1).contiguous()):
+        for height, width in ((48, 64), (100, 130)):
+            resized = resize_uint8(chw, height, width)
+            reference = torch.nn.functional.interpolate(chw[None].contiguous(), size=(height, width), mode="bilinear", antialias=True)[0]
+            assert torch.equal(resized, reference)
+            assert (resized.stride(0) == 1) == (chw.stride(0) == 1)  # channels-last in, channels-last out
+            if height == 48:
+                images.append(resized)
+    channels_last, mixed = stack_images(images[:2]), stack_images(images)
+    assert torch.equal(channels_last, torch.stack(images[:2])) and torch.equal(mixed, torch.stack(images))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and mixed.is_contiguous()
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.3, 0.25])
+    normalized = normalize_on_device(channels_last, mean, std)
+    assert normalized.is_contiguous() and torch.equal(normalized, normalize_on_device(channels_last.contiguous(), mean, std))
