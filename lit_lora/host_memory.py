@@ -46,7 +46,10 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> bool:
-    """Undo `keep_freed_memory`: glibc's default limits again, and the free memory kept so far handed back."""
+    """Undo `keep_freed_memory`: glibc's default limits again, and the free memory kept so far handed back.
+
+    (Setting any of these limits stops glibc from moving its mmap threshold by itself; it stays where it was.)
+    """
     libc = _glibc()
     if libc is None:
         return False
