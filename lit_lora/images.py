@@ -204,8 +204,9 @@ def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     """`default_collate` over the readable items, pixels stacked by `stack_images` (keeping a channels-last
     layout); the unreadable ones travel as ``batch["skipped"]``."""
     good = [item for item in items if "skipped" not in item]
-    batch = torch.utils.data.default_collate([{k: v for k, v in item.items() if k != "pixel_values"} for item in good]) if good else {}
+    batch: dict[str, Any] = {}
     if good:
+        batch = torch.utils.data.default_collate([{k: v for k, v in item.items() if k != "pixel_values"} for item in good])
         batch["pixel_values"] = stack_images([item["pixel_values"] for item in good])
     batch["skipped"] = [(item["skipped"], item["reason"]) for item in items if "skipped" in item]
     return batch

@@ -77,9 +77,7 @@ def _decoded(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[Pict
     """``transform`` (torchvision on PIL images) applied to an upright RGB image; cached pixels become one first."""
 
     def apply(image: Picture) -> torch.Tensor:
-        if isinstance(image, torch.Tensor):
-            return transform(Image.fromarray(image.permute(1, 2, 0).numpy()))
-        return transform(to_rgb(image))
+        return transform(_to_pil(image) if isinstance(image, torch.Tensor) else to_rgb(image))
 
     return apply
 
@@ -125,7 +123,7 @@ def _crop_resize(image: Picture, box: tuple[float, float, float, float], out_hw:
             # PIL's filter (within one grey level) at about a third of PIL's time.
             left, top, right, bottom = (int(v) for v in box)
             return resize_uint8(image[:, top:bottom, left:right], *out_hw)
-        image = Image.fromarray(image.permute(1, 2, 0).numpy())  # a fractional box: PIL's box resize below
+        image = _to_pil(image)  # a fractional box: PIL's box resize below
     full_w, full_h = image.size
     left, top, right, bottom = box
     out_h, out_w = out_hw
@@ -159,6 +157,11 @@ def resize_uint8(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     out = torch.empty((1, pixels.shape[0], height, width), dtype=torch.uint8, memory_format=torch.channels_last)
     torch.ops.aten._upsample_bilinear2d_aa.out(pixels[None], [height, width], False, None, None, out=out)
     return out[0]
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
+    """uint8 CHW pixels as an RGB PIL image (the inverse of `_to_tensor`)."""
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
