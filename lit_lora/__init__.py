@@ -2,8 +2,7 @@
 
 from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.datamodule import Food101DataModule
-from lit_lora.host_memory import ReuseHostMemory
 from lit_lora.model import LoRAImageClassifier
 
-__all__ = ["AdapterCheckpoint", "Food101DataModule", "LoRAImageClassifier", "ReuseHostMemory"]
+__all__ = ["AdapterCheckpoint", "Food101DataModule", "LoRAImageClassifier"]
 __version__ = "0.1.0"

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as tvF
 
 from lit_lora.files import write_folder
 from lit_lora.images import BAD_IMAGE_ERRORS, FileTable, HFTable, ImageTable, exif_orientation, to_rgb
-from lit_lora.transforms import resize_uint8
+from lit_lora.transforms import shorter_side_shape
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def cache_key(table: ImageTable, short_side: int) -> str:
@@ -38,16 +39,24 @@ def cache_key(table: ImageTable, short_side: int) -> str:
             stat = os.stat(path)
             digest.update(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     elif isinstance(table, HFTable):
-        digest.update(f"{table.dataset._fingerprint}\t{len(table)}".encode())
+        # The files behind the dataset (public `cache_files`), which rows of which split, and their labels.
+        for entry in table.dataset.cache_files:
+            stat = os.stat(entry["filename"])
+            digest.update(f"{entry['filename']}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        if not table.dataset.cache_files:
+            raise TypeError("cannot cache an in-memory `datasets` dataset (it has no files to key the cache on)")
+        digest.update(f"{table.name}\t{table.rows}\t{table.labels}".encode())
     else:
         raise TypeError(f"cannot cache a {type(table).__name__}")
     return digest.hexdigest()[:20]
 
 
 def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(height, width) with the shorter side at ``short_side`` (images already smaller keep their size)."""
-    scale = min(1.0, short_side / min(width, height))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(height, width) with the shorter side at ``short_side``, by torchvision's and transformers' rule (images
+    already smaller keep their size)."""
+    if min(width, height) <= short_side:
+        return height, width
+    return shorter_side_shape(height, width, short_side)
 
 
 class _ResizeInto(torch.utils.data.Dataset):
@@ -83,8 +92,7 @@ class _ResizeInto(torch.utils.data.Dataset):
                 upright = exif_orientation(image) >= 5
                 image.draft("RGB", (height, width) if upright else (width, height))
                 upright_rgb = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
-                # Channels-last in, channels-last out: HWC without a transposing copy.
-                pixels = resize_uint8(upright_rgb, height, width).permute(1, 2, 0).contiguous().numpy()
+                pixels = tvF.resize(upright_rgb, [height, width], antialias=True).permute(1, 2, 0).contiguous().numpy()
         except BAD_IMAGE_ERRORS:
             return False  # recorded as unreadable; the data module skips or reports it when it is read
         os.pwrite(self._fd, pixels, int(self.offsets[i]))  # straight from the array's memory (no bytes copy)

@@ -23,7 +23,13 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     What goes into each file is decided by `LoRAImageClassifier.on_save_checkpoint`: the trainable weights
     (adapters and head), optimizer, scheduler and loop state, and the hyperparameters, never the frozen base.
-    Defaults follow the guide: keep the best by ``val/acc`` and the last one.
+    Defaults follow the guide: keep the best by ``val/acc`` and the last one. ``last.ckpt`` follows every
+    validation (Lightning 2.6 rewrites it only when a best checkpoint was written at the same step).
+
+    On Ctrl-C or SIGTERM during ``fit`` it saves ``last.ckpt`` (with any gradients accumulated since the last
+    optimizer step, see `LoRAImageClassifier.on_save_checkpoint`), so that resuming reproduces the uninterrupted
+    run. SIGTERM is Lightning's own handling; Ctrl-C stops after the current batch only with
+    ``stop_on_interrupt=True`` (the CLI sets it), which installs a SIGINT handler for the duration of ``fit``.
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         verbose: bool = False,
+        stop_on_interrupt: bool = False,
     ) -> None:
         """Choose what is kept.
 
@@ -52,6 +59,8 @@ class AdapterCheckpoint(ModelCheckpoint):
             every_n_epochs: save every N epochs (default: every validation).
             every_n_train_steps: save every N optimizer steps as well.
             verbose: say when a checkpoint is written.
+            stop_on_interrupt: during ``fit``, make Ctrl-C stop after the current batch and save ``last.ckpt``, like
+                SIGTERM (a second Ctrl-C stops at once). Installs a SIGINT handler while ``fit`` runs.
         """
         super().__init__(
             dirpath=dirpath,
@@ -65,8 +74,13 @@ class AdapterCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             verbose=verbose,
         )
+        self.stop_on_interrupt = stop_on_interrupt
+        self._stage: str | None = None
+        self._previous_sigint: Any = None
+        self._written: dict[str, int] = {}  # checkpoint path -> modification time its adapter folder was made from
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
         if self.dirpath is None and trainer.loggers and trainer.log_dir:
             self.dirpath = str(Path(trainer.log_dir).resolve())  # absolute: a resumed run compares paths
         with warnings.catch_warnings():
@@ -76,17 +90,21 @@ class AdapterCheckpoint(ModelCheckpoint):
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Only a resumed fit carries on the best-model bookkeeping; validate/test/predict write no checkpoint.
+        if self._stage in (None, "fit"):
+            super().load_state_dict(state_dict)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        # Ctrl-C stops after the current batch, like SIGTERM, so the checkpoint it leaves has a clean loop state
-        # (a KeyboardInterrupt inside a hook would leave a batch trained but not counted). A second Ctrl-C stops now.
-        if threading.current_thread() is threading.main_thread():
+        if self.stop_on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.getsignal(signal.SIGINT)
 
             def stop_after_this_batch(signum: int, frame: Any) -> None:
                 rank_zero_info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once)")
-                trainer._signal_connector.received_sigterm = True  # what Lightning's own SIGTERM handler sets
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                # Lightning's SIGTERM handling (installed during fit) stops after the current batch.
+                signal.raise_signal(signal.SIGTERM)
 
             signal.signal(signal.SIGINT, stop_after_this_batch)
 
@@ -94,26 +112,47 @@ class AdapterCheckpoint(ModelCheckpoint):
         self._restore_sigint()
 
     def _restore_sigint(self) -> None:
-        previous = getattr(self, "_previous_sigint", None)
-        if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        last_before = self._mtime(self.last_model_path)
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):  # else the epoch end saves, after top-k
-            self._refresh_last(trainer)
+        if trainer.val_check_interval != 1.0:  # validation inside the epoch: Lightning saves here
+            self._keep_last_current(trainer, last_before)
+        self._write_adapter_folders(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        last_before = self._mtime(self.last_model_path)
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+        self._keep_last_current(trainer, last_before)
+        self._write_adapter_folders(trainer)
 
-    def _refresh_last(self, trainer: pl.Trainer) -> None:
-        # Lightning 2.6 writes last.ckpt only when a top-k checkpoint was written at the same step, so after an
-        # epoch that did not improve val/acc, last.ckpt would be an epoch old: a resume would redo that epoch.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def _keep_last_current(self, trainer: pl.Trainer, last_before: int) -> None:
+        """Write last.ckpt when Lightning did not (it does only with a new best), else a resume would redo work."""
+        if not (self.save_last and self.dirpath and trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run):
+            return
+        if trainer.strategy.broadcast(self._mtime(self.last_model_path) == last_before):
+            path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            self.last_model_path = path  # before saving: it is part of this callback's saved state
+            trainer.save_checkpoint(path, weights_only=False)
+
+    @staticmethod
+    def _mtime(path: str) -> int:
+        return os.stat(path).st_mtime_ns if path and os.path.isfile(path) else 0
+
+    def _write_adapter_folders(self, trainer: pl.Trainer) -> None:
+        """PEFT adapter folders beside the best and the last checkpoint, whenever either was (re)written."""
+        if not trainer.is_global_zero or not hasattr(trainer.lightning_module, "model"):
+            return
+        from lit_lora.export import save_adapter_folder
+
+        for path, name in ((self.best_model_path, "adapter"), (self.last_model_path, "adapter-last")):
+            mtime = self._mtime(path)
+            if mtime and self._written.get(name) != mtime:
+                save_adapter_folder(trainer.lightning_module, Path(path).parent / name)
+                self._written[name] = mtime
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """On Ctrl-C or SIGTERM (a preempted machine) during fit, save ``last.ckpt`` to resume from."""
@@ -122,20 +161,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit" or not self.dirpath:
             return
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        trainer.save_checkpoint(path)  # Lightning writes to a temporary file and renames it: never half-written
+        self.last_model_path = path
+        trainer.save_checkpoint(path, weights_only=False)  # Lightning writes to a temporary file and renames it: never half-written
         rank_zero_info(
             f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
         )
-
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if not trainer.is_global_zero or not hasattr(trainer.lightning_module, "model"):
-            return
-        from lit_lora.export import save_adapter_folder
-
-        folder = Path(filepath).parent
-        if Path(filepath).stem == self.CHECKPOINT_NAME_LAST:
-            save_adapter_folder(trainer.lightning_module, folder / "adapter-last")
-        elif filepath == self.best_model_path:
-            save_adapter_folder(trainer.lightning_module, folder / "adapter")

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import pickle
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule, settings_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
-from lit_lora.host_memory import ReuseHostMemory
 from lit_lora.model import LoRAImageClassifier
 from lit_lora.predictions import PredictionWriter
+from lit_lora.schedules import scheduler_problems
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
-    "precision": "16-mixed",  # on CPU Lightning switches to bf16-mixed and says so once
+    "precision": "16-mixed",  # without a GPU the CLI trains in 32-true instead and says so in one line
     "default_root_dir": "checkpoints",
     "logger": {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -39,7 +43,7 @@ class LitLoRACLI(LightningCLI):
     - ``data.class_names`` → ``model.class_names`` (the data knows its labels);
     - ``model.model_name_or_path`` → ``data.image_processor`` (the model knows its input size, mean and std);
     - an `AdapterCheckpoint` under ``checkpoint.*`` and a `PredictionWriter` under ``predictions.*``, on by default;
-    - `ReuseHostMemory` under ``host_memory.*``: faster steps when the model runs on CPUs;
+    - Ctrl-C during ``fit`` stops after the current batch and saves ``last.ckpt`` (``checkpoint.stop_on_interrupt``);
     - ``--ckpt_path`` may also be a PEFT adapter folder written by ``fit`` or ``export``.
     """
 
@@ -51,23 +55,13 @@ class LitLoRACLI(LightningCLI):
         parser.add_lightning_class_args(EvaluationReport, "report")
         parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
         parser.add_lightning_class_args(RunSummary, "summary")
-        parser.add_lightning_class_args(ReuseHostMemory, "host_memory")
+        parser.set_defaults({"checkpoint.stop_on_interrupt": True})
         parser.link_arguments("model.model_name_or_path", "data.image_processor")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters here; a truncated or foreign file should say so.
-        try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-            raise ValueError(
-                f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-                "It may be truncated (a copy still in progress?) or not a Lightning .ckpt; use last.ckpt or the "
-                "best epoch=*.ckpt of a run, or an adapter folder."
-            ) from err
-
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check the configuration and the checkpoint's readability before anything is built."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -79,6 +73,18 @@ class LitLoRACLI(LightningCLI):
                 + "\n".join(f"  - {p}" for p in problems)
             )
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_readable_checkpoint(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        choose_precision(config.trainer)
+        if subcommand != "fit" and ckpt_path:
+            write_beside_checkpoint(config, Path(ckpt_path))
         self.adapter_folder = ckpt_path if ckpt_path and is_adapter_folder(ckpt_path) else None
         if self.adapter_folder:
             # Rebuild the model the folder was saved from; its weights are loaded after instantiation.
@@ -110,9 +116,8 @@ def add_tensorboard_beside_csv(trainer: Any) -> None:
     """When tensorboard is installed and the run logs to one CSVLogger, also log to TensorBoard, in the same
     run folder (``tensorboard --logdir checkpoints``). Any other logger setup is left as configured."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 
-    if not _TENSORBOARD_AVAILABLE or len(trainer.loggers) != 1 or type(trainer.loggers[0]) is not CSVLogger:
+    if importlib.util.find_spec("tensorboard") is None or len(trainer.loggers) != 1 or type(trainer.loggers[0]) is not CSVLogger:
         return
     csv_logger = trainer.loggers[0]
     board = TensorBoardLogger(save_dir=csv_logger.save_dir, name=csv_logger.name, version=csv_logger.version, default_hp_metric=False)
@@ -149,7 +154,41 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
         problems.append(f"ckpt_path {ckpt_path!r} does not exist")
     if float(model.get("learning_rate", 1.0)) < 0 and subcommand == "fit":
         problems.append(f"model.learning_rate must not be negative, got {model.get('learning_rate')}")
+    problems += scheduler_problems(model.get("lr_scheduler_type", "linear"), model.get("lr_scheduler_kwargs"), prefix="model.")
     return problems
+
+
+def check_readable_checkpoint(ckpt_path: str) -> None:
+    """Fail in one line when ``ckpt_path`` is not a readable Lightning checkpoint (truncated, foreign)."""
+    try:
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "It may be truncated (a copy still in progress?) or not a Lightning .ckpt; use last.ckpt or the "
+            "best epoch=*.ckpt of a run, or an adapter folder."
+        ) from err
+
+
+def choose_precision(trainer: Any) -> None:
+    """Without a GPU, ``16-mixed`` (the recipe's) would become bf16-mixed, slower than fp32 on most CPUs: use 32-true."""
+    wants_gpu = trainer.get("accelerator") in ("gpu", "cuda")
+    if str(trainer.get("precision")) in ("16-mixed", "16") and not torch.cuda.is_available() and not wants_gpu:
+        trainer.precision = "32-true"
+        rank_zero_info("[lit_lora] no GPU: training in 32-true precision (the config's 16-mixed needs a GPU)")
+
+
+def write_beside_checkpoint(config: Any, ckpt_path: Path) -> None:
+    """validate, test and predict of a checkpoint in a run folder write their report or predictions into that run
+    folder, not into a new logger version (unless another logger or place was configured)."""
+    run = ckpt_path.resolve().parent if ckpt_path.is_file() or ckpt_path.name.startswith("adapter") else None
+    if run is None or not ((run / "hparams.yaml").is_file() or any(run.glob("*.ckpt"))):
+        return
+    logger = config.trainer.get("logger")
+    configured = logger.get("class_path") if hasattr(logger, "get") else None
+    if configured == TRAINER_DEFAULTS["logger"]["class_path"] or logger is None or logger is True:
+        config.trainer.logger = False
+        config.trainer.default_root_dir = str(run)  # the trainer's log_dir without a logger
 
 
 def continue_in_run_folder(config: Any, ckpt_path: Path) -> None:
@@ -158,6 +197,21 @@ def continue_in_run_folder(config: Any, ckpt_path: Path) -> None:
     delete the earlier metrics.csv if it reopened the old one.)"""
     if config.checkpoint.get("dirpath") is None:
         config.checkpoint.dirpath = str(ckpt_path.resolve().parent)
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Argument errors in a few lines: the message and, for a misspelled option, the closest valid ones (instead
+    of the whole usage text)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        hint = ""
+        unknown = [word for word in message.replace(",", " ").replace("'", " ").split() if word.startswith("--")]
+        if unknown:
+            options = [option for action in self._actions for option in action.option_strings]
+            close = [c for word in unknown for c in difflib.get_close_matches(word.split("=")[0], options, n=2, cutoff=0.75)]
+            if close:
+                hint = f" Did you mean {' or '.join(dict.fromkeys(close))}?"
+        self.exit(2, f"{self.prog}: error: {message.strip()}{hint}\n(see --help for every option)\n")
 
 
 def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
@@ -175,5 +229,6 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
             args=args,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION},
+            parser_kwargs={"description": DESCRIPTION, "prog": "python -m lit_lora"},
+            parser_class=ShortErrorParser,
         )

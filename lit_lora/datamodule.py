@@ -16,19 +16,11 @@ from torch.utils.data import DataLoader
 
 from lit_lora import demo
 from lit_lora.cache import CachedTable, cached
-from lit_lora.images import FileTable, ImageDataset, ImageTable, SeededShuffleSampler, collate_skipping_bad_images
+from lit_lora.images import FileTable, ImageDataset, ImageTable, collate_skipping_bad_images
+from lit_lora.sampling import SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
-from lit_lora.transforms import (
-    DEFAULT_MEAN,
-    DEFAULT_SIZE,
-    DEFAULT_STD,
-    ImageSettings,
-    eval_transform,
-    normalize_on_device,
-    settings_from_processor,
-    train_transform,
-)
+from lit_lora.transforms import ImageSettings, eval_transform, load_image_settings, train_transform
 
 
 def default_num_workers() -> int:
@@ -65,6 +57,25 @@ def _lower_priority(worker_id: int) -> None:
     os.nice(10)
 
 
+class ResumableDataLoader(DataLoader):
+    """The training `DataLoader`, resumable in Lightning's sense: Lightning saves its `state_dict` in checkpoints and
+    hands it back to `load_state_dict` before iterating when ``fit`` resumes. The state is the data module's progress
+    through the epoch (`Food101DataModule.state_dict`), which the data module also restores itself."""
+
+    datamodule: Food101DataModule | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict() if self.datamodule is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.datamodule is None or not state:
+            return
+        self.datamodule.load_state_dict(state)
+        epoch, batches = self.datamodule.resume_point()
+        if isinstance(self.sampler, SeededShuffleSampler):
+            self.sampler.epoch, self.sampler.skip = epoch, batches * (self.batch_size or 1)
+
+
 class Food101DataModule(pl.LightningDataModule):
     """Food-101 the way the PEFT LoRA guide uses it, from the hub or from local files.
 
@@ -88,9 +99,6 @@ class Food101DataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         image_processor: str | None = None,
-        image_size: int | None = None,
-        image_mean: tuple[float, float, float] | None = None,
-        image_std: tuple[float, float, float] | None = None,
         predict_dir: str | list[str] | None = None,
         class_names: list[str] | None = None,
         fast_decode: bool = True,
@@ -121,11 +129,10 @@ class Food101DataModule(pl.LightningDataModule):
                 priority (nice 10) than its threads. The cache is always built by this many processes.
             pin_memory: pin host memory of batches for faster copies to the GPU.
             persistent_workers: keep workers alive between epochs.
-            image_processor: model id or folder whose image processor gives size, mean and std. The CLI links
-                this to ``model.model_name_or_path``, so it is never configured twice.
-            image_size: overrides the processor's crop size.
-            image_mean: overrides the processor's per-channel mean.
-            image_std: overrides the processor's per-channel std.
+            image_processor: model id or folder whose image processor gives the crop size, the resize side and the
+                interpolation (`transforms.settings_from_processor`); ViT's 224 px defaults when unset. The CLI
+                links this to ``model.model_name_or_path``, so it is never configured twice. Pixels leave the data
+                module as uint8; the model normalises them.
             predict_dir: folder searched recursively for images (or a list of image files) for ``predict``.
             class_names: label names, index = label id. By default read from the source; when given, the source
                 must have exactly these (in this order). ``predict`` needs no source: the names then come from
@@ -162,12 +169,7 @@ class Food101DataModule(pl.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.skipped_images: dict[str, str] = {}  # file -> reason, filled as batches arrive
 
-        processor = settings_from_processor(demo.resolve(image_processor)) if image_processor else None
-        self.image_settings = ImageSettings(
-            image_size or (processor.size if processor else DEFAULT_SIZE),
-            tuple(image_mean or (processor.mean if processor else DEFAULT_MEAN)),
-            tuple(image_std or (processor.std if processor else DEFAULT_STD)),
-        )
+        self.image_settings = load_image_settings(demo.resolve(image_processor)) if image_processor else ImageSettings()
         self._check()
         self._class_names = list(class_names) if class_names else None
         self._source: ImageSource | None = None
@@ -177,7 +179,11 @@ class Food101DataModule(pl.LightningDataModule):
         self.val_table: ImageTable | None = None
         self.test_table: ImageTable | None = None
         self.predict_table: FileTable | None = None
-        self._normalization: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Exact resume: training batches delivered in the sampler's current epoch, saved in checkpoints
+        # (`state_dict`), and where a resumed run's first pass starts (`load_state_dict`).
+        self._train_sampler: SeededShuffleSampler | None = None
+        self._progress = {"epoch": 0, "batches": 0}
+        self._resume_at: tuple[int, int] | None = None
 
     def _check(self) -> None:
         problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
@@ -246,8 +252,7 @@ class Food101DataModule(pl.LightningDataModule):
             self.predict_table = self._predict_files()
 
     def _eval_side(self) -> int:
-        size = self.image_settings.size
-        return size if isinstance(size, int) else max(size)
+        return self.image_settings.resize or max(self.image_settings.crop)
 
     def _cached(self, table: ImageTable, short_side: int) -> ImageTable:
         """``table`` served from the image cache when ``cache_dir`` is set (process 0 builds, the others wait)."""
@@ -298,15 +303,9 @@ class Food101DataModule(pl.LightningDataModule):
         sampler = None
         if train:
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank)
-            # Workers prefetch as soon as the iterator exists, before Lightning calls set_epoch: start at the
-            # epoch Lightning will pass (restored when resuming) so a resumed run does not replay epoch 0's order.
-            if self.trainer is not None:
-                sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
-                # Resuming from a checkpoint taken mid-epoch (Ctrl-C, SIGTERM): continue after the batches done.
-                done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
-                if self.trainer.fit_loop.restarting and done:
-                    sampler.skip_once(done * self.batch_size)
+            epoch, batches = self.resume_point()
+            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank, epoch=epoch, skip=batches * self.batch_size)
+            self._train_sampler = sampler
         elif self.trainer is not None and self.trainer.world_size > 1:
             # Evaluation under DDP: each image on exactly one process. Lightning's default DistributedSampler
             # would pad with repeated images to even out the shards, and count them twice in val/acc.
@@ -314,7 +313,7 @@ class Food101DataModule(pl.LightningDataModule):
                 range(len(table)), num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
         workers = self._loader_workers(table)
-        return DataLoader(
+        loader = (ResumableDataLoader if train else DataLoader)(
             ImageDataset(table, transform, self.on_bad_image),
             collate_fn=collate_skipping_bad_images,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -328,6 +327,9 @@ class Food101DataModule(pl.LightningDataModule):
             drop_last=False,
             worker_init_fn=_lower_priority if self._computing_on_cpu() else None,
         )
+        if train:
+            loader.datamodule = self
+        return loader
 
     def _loader_workers(self, table: ImageTable) -> int:
         """``num_workers``, or by default none for cached images when the model computes on the CPU.
@@ -362,16 +364,32 @@ class Food101DataModule(pl.LightningDataModule):
         return self._loader(self.predict_table, train=False)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Turn uint8 pixels into normalised float pixels, on the device the batch now lives on."""
+        """Collect the names of unreadable images, and count the training batches of the epoch (for `state_dict`)."""
         for path, reason in batch.pop("skipped", []):
             self.skipped_images.setdefault(path, reason)
-        if "pixel_values" not in batch:  # every image of the batch was unreadable
-            return batch
-        pixels = batch["pixel_values"]
-        if pixels.device not in self._normalization:  # one host-to-device copy per device, not per batch
-            self._normalization[pixels.device] = (
-                torch.tensor(self.image_settings.mean, device=pixels.device),
-                torch.tensor(self.image_settings.std, device=pixels.device),
-            )
-        batch["pixel_values"] = normalize_on_device(pixels, *self._normalization[pixels.device])
+        if self._train_sampler is not None and self.trainer is not None and self.trainer.training:
+            epoch = self._train_sampler.epoch
+            if epoch != self._progress["epoch"]:
+                self._progress = {"epoch": epoch, "batches": 0}
+            self._progress["batches"] += 1
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the epoch and how many of its batches were delivered (Lightning saves
+        this in checkpoints; each one is trained on by the time a checkpoint is written)."""
+        sampler = self._train_sampler
+        batches_per_epoch = -(-len(sampler) // self.batch_size) if sampler is not None else 0
+        return {**self._progress, "batches_per_epoch": batches_per_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the data where `state_dict` says: the next training pass starts after the batches already
+        trained, or at the next epoch when that one was finished."""
+        epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
+        if batches and batches >= int(state.get("batches_per_epoch", 0)):
+            epoch, batches = epoch + 1, 0
+        self._progress = {"epoch": epoch, "batches": batches}
+        self._resume_at = (epoch, batches)
+
+    def resume_point(self) -> tuple[int, int]:
+        """(epoch, batches already trained in it) where the next training pass starts: (0, 0) unless resuming."""
+        return self._resume_at or (0, 0)

@@ -48,9 +48,10 @@ def resolve(name_or_path: str) -> str:
 
 
 def build_tiny_vit(folder: Path, image_size: int = 32, seed: int = 0) -> None:
-    """Save a randomly initialised 4-layer ViT (hidden size 64, 8 px patches) and its image processor."""
+    """Save a randomly initialised 4-layer ViT backbone (hidden size 64, 8 px patches, no classification head, like
+    ``google/vit-base-patch16-224-in21k``) and its image processor."""
     import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(seed)
     config = ViTConfig(
@@ -60,9 +61,8 @@ def build_tiny_vit(folder: Path, image_size: int = 32, seed: int = 0) -> None:
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=128,
-        num_labels=2,
     )
-    ViTForImageClassification(config).save_pretrained(folder)
+    ViTModel(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data._utils.collate import collate_tensor_fn
+
+from lit_lora.sampling import seeded_cpu_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -44,23 +44,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
-
-
-@contextlib.contextmanager
-def seeded_cpu_rng(seed: int) -> Iterator[None]:
-    """Run the block with torch's CPU generator seeded to ``seed``, then restore the caller's random state.
-
-    Not ``torch.manual_seed``: on a CUDA build that also queues a seeding of every accelerator, formatting a
-    stack trace each time in processes that never initialise CUDA (loader workers): 127 us per image against
-    6 us here, about a fifth of a loader worker's time per cached image on 2 CPU cores.
-    """
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        generator.set_state(state)
 
 
 class ImageTable:
@@ -116,9 +99,13 @@ class FileTable(ImageTable):
 
 
 class HFTable(ImageTable):
-    """Rows of a `datasets.Dataset` with an image column and a class-label column."""
+    """Rows of a `datasets.Dataset` with an image column and a class-label column.
 
-    def __init__(self, dataset: Any, image_column: str, label_column: str, name: str = "dataset") -> None:
+    ``rows`` are the rows' numbers in the split ``name`` names (what messages, prediction files and the image
+    cache's key refer to); by default ``0..len(dataset)-1``.
+    """
+
+    def __init__(self, dataset: Any, image_column: str, label_column: str, name: str = "dataset", rows: Sequence[int] | None = None) -> None:
         from datasets import Image as ImageFeature
 
         # Undecoded rows (bytes or path), so that decoding happens in the transform, at the scale it needs.
@@ -127,16 +114,17 @@ class HFTable(ImageTable):
         self.label_column = label_column
         self.name = name
         self.labels = list(dataset[label_column])
+        self.rows = list(range(len(self.labels))) if rows is None else list(rows)
 
     def open(self, i: int) -> Image.Image:
         cell = self.dataset[int(i)][self.image_column]
         return Image.open(io.BytesIO(cell["bytes"])) if cell.get("bytes") else Image.open(cell["path"])
 
     def describe(self, i: int) -> str:
-        return f"{self.name}[{i}]"
+        return f"{self.name}[{self.rows[i]}]"
 
     def subset(self, rows: Sequence[int]) -> HFTable:
-        return HFTable(self.dataset.select(list(rows)), self.image_column, self.label_column, self.name)
+        return HFTable(self.dataset.select(list(rows)), self.image_column, self.label_column, self.name, [self.rows[r] for r in rows])
 
 
 # What a broken, truncated, empty, non-image or oversized file raises while it is opened or decoded.
@@ -150,7 +138,7 @@ class BadImageError(ValueError):
 class ImageDataset(torch.utils.data.Dataset):
     """Torch dataset over an `ImageTable`: each item is ``{"pixel_values": uint8 CHW, "labels": int, "index": int}``.
 
-    Pixels stay uint8 until they reach the device (see `Food101DataModule.on_after_batch_transfer`), which keeps
+    Pixels stay uint8 until they reach the device (`LoRAImageClassifier` normalises them there), which keeps
     worker-to-main-process traffic at a quarter of float32's.
 
     A key may be a row index or ``(row, seed)`` as `SeededShuffleSampler` yields it: the random augmentation of
@@ -188,71 +176,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
 
 
-def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack uint8 CHW images into an NCHW batch, channels-last in memory when every image is (a plain copy of each
-    image instead of a transposing one); in a loader worker, into shared memory as `default_collate` does.
-
-    Crops resized from decoded or cached pixels are channels-last (`transforms.resize_uint8`): stacking them as
-    NCHW planes would transpose each one. The device gets contiguous NCHW floats either way (`normalize_on_device`).
-    """
-    if all(image.stride(0) == 1 for image in images):
-        return collate_tensor_fn([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-    return collate_tensor_fn(images)
-
-
 def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`default_collate` over the readable items, pixels stacked by `stack_images` (keeping a channels-last
-    layout); the unreadable ones travel as ``batch["skipped"]``."""
+    """`default_collate` over the readable items; the unreadable ones travel as ``batch["skipped"]``."""
     good = [item for item in items if "skipped" not in item]
-    batch: dict[str, Any] = {}
-    if good:
-        batch = torch.utils.data.default_collate([{k: v for k, v in item.items() if k != "pixel_values"} for item in good])
-        batch["pixel_values"] = stack_images([item["pixel_values"] for item in good])
+    batch: dict[str, Any] = torch.utils.data.default_collate(good) if good else {}
     batch["skipped"] = [(item["skipped"], item["reason"]) for item in items if "skipped" in item]
     return batch
-
-
-class SeededShuffleSampler(torch.utils.data.distributed.DistributedSampler):
-    """Shuffles rows anew each epoch as a pure function of ``(seed, epoch)``, and gives each item its own seed.
-
-    Lightning calls `set_epoch` before every epoch. Nothing here draws from the global random state, so the
-    order and the augmentations of epoch N are the same whether or not the run was interrupted before it.
-    Under DDP each process takes every ``num_replicas``-th item of the same permutation (padded, as
-    `DistributedSampler` does, so all processes run the same number of batches). Being a `DistributedSampler`,
-    Lightning uses it as it is instead of wrapping it, which would freeze each image's augmentation seed.
-    """
-
-    def __init__(self, num_rows: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        # Not DistributedSampler.__init__: it wants a dataset and an initialised process group.
-        self.num_rows = num_rows
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.skip = 0
-        self.num_samples = math.ceil(num_rows / num_replicas)
-        self.total_size = self.num_samples * num_replicas
-        self.shuffle = True
-        self.drop_last = False
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation (and the augmentation seeds) of ``epoch``."""
-        if epoch != self.epoch:
-            self.skip = 0
-        self.epoch = epoch
-
-    def skip_once(self, items: int) -> None:
-        """Leave out the first ``items`` of this process's share of the current epoch in the next pass (resuming)."""
-        self.skip = items
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_rows, generator=generator).tolist()
-        seeds = torch.randint(0, 2**62, (self.num_rows,), generator=generator).tolist()
-        items = list(zip(order, seeds))
-        items += items[: self.total_size - len(items)]  # pad so that every process gets num_samples items
-        skip, self.skip = self.skip, 0
-        return iter(items[self.rank : self.total_size : self.num_replicas][skip:])

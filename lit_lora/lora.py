@@ -7,8 +7,6 @@ import re
 from collections import Counter
 from typing import Any
 
-import numpy as np
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -136,38 +134,7 @@ def apply_lora(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         **options,
     )
-    return use_fast_lora_dropout(get_peft_model(model, config))
-
-
-class LoRADropout(nn.Dropout):
-    """`nn.Dropout` with a cheaper mask on the CPU; on other devices it is `nn.Dropout` itself.
-
-    On the CPU, torch draws random numbers one element at a time from its Mersenne Twister (7 ms for the LoRA
-    input of a 128-image batch of a small ViT; 4 such layers, so LoRA dropout is about a tenth of its training
-    step). Here the uniform numbers come from numpy's PCG64 in half that time, seeded by one draw from torch's
-    generator, so seeding and resuming from checkpoints (which restore torch's random state) work as before. The
-    mask is ``uniform >= p`` with uniforms on the same 2^-24 grid as ``torch.rand``: the same distribution.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        if self.p == 1:
-            return x * 0.0
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        uniform = np.random.Generator(np.random.PCG64(seed)).random(x.numel(), dtype=np.float32)
-        return x * torch.from_numpy(uniform).view(x.shape).ge_(self.p).div_(1.0 - self.p).to(x.dtype)
-
-
-def use_fast_lora_dropout(model: PeftModel) -> PeftModel:
-    """Swap the `nn.Dropout` on each LoRA layer's input for `LoRADropout` (same probability), in place."""
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, nn.ModuleDict):
-            for name, dropout in dropouts.items():
-                if type(dropout) is nn.Dropout:
-                    dropouts[name] = LoRADropout(dropout.p)
-    return model
+    return get_peft_model(model, config)
 
 
 def trainable_summary(model: PeftModel) -> str:

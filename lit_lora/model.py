@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,10 +13,17 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from lit_lora import demo
+from lit_lora.checkpoint_contents import (
+    gradients,
+    layout_problem,
+    mid_accumulation,
+    restore_gradients,
+    set_torch_rng_states,
+    torch_rng_states,
+)
 from lit_lora.lora import apply_lora, trainable_summary
-
-# Hyperparameters that fix the shape of the trainable weights: a checkpoint only loads where they agree.
-LAYOUT_HPARAMS = ("model_name_or_path", "class_names", "r", "target_modules", "modules_to_save", "lora_options")
+from lit_lora.schedules import build_scheduler, scheduler_problems
+from lit_lora.transforms import ImageSettings, load_image_settings, normalize
 
 
 def load_base_model(model_name_or_path: str, class_names: Sequence[str]) -> torch.nn.Module:
@@ -70,11 +76,17 @@ class LoRAImageClassifier(pl.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_epsilon: float = 1e-8,
         lr_scheduler_type: str = "linear",
+        lr_scheduler_kwargs: dict[str, Any] | None = None,
         warmup_steps: int = 0,
         warmup_ratio: float = 0.0,
         compile: bool = False,
     ) -> None:
         """Build the model: load the base classifier, add LoRA, freeze everything else.
+
+        The model takes images as ``pixel_values`` of shape (N, 3, H, W), either uint8 (0-255, resized and cropped,
+        as `Food101DataModule` hands them over: normalised here with the image processor's mean and std, on the
+        device) or float (already rescaled and normalised, as the image processor's own output is). H and W are
+        the processor's crop size (``image_settings.crop``).
 
         Args:
             model_name_or_path: hub id or local folder of an ``AutoModelForImageClassification`` checkpoint.
@@ -91,8 +103,10 @@ class LoRAImageClassifier(pl.LightningModule):
             weight_decay: AdamW weight decay, applied to weight matrices only (not biases or norms).
             adam_betas: AdamW betas.
             adam_epsilon: AdamW epsilon.
-            lr_scheduler_type: any ``transformers.get_scheduler`` name: ``linear`` (the guide's), ``cosine``,
-                ``constant``, ``constant_with_warmup``, ...
+            lr_scheduler_type: a ``transformers.get_scheduler`` name: ``linear`` (the guide's), ``cosine``,
+                ``constant``, ``constant_with_warmup``, ``reduce_lr_on_plateau`` (on ``val/loss``, each epoch), ...
+                (all but ``greedy``; a wrong name is refused with the list).
+            lr_scheduler_kwargs: the schedule's own options, e.g. ``{min_lr_rate: 0.1}`` for ``cosine_with_min_lr``.
             warmup_steps: optimizer steps of linear warmup (takes precedence over ``warmup_ratio``).
             warmup_ratio: warmup as a share of all optimizer steps.
             compile: compile the model with ``torch.compile`` (in place: checkpoints keep their keys). Pays off
@@ -104,6 +118,9 @@ class LoRAImageClassifier(pl.LightningModule):
                 "LoRAImageClassifier needs class_names (at least 2); the CLI links them from the data module, "
                 "in Python pass class_names=datamodule.class_names."
             )
+        problems = scheduler_problems(lr_scheduler_type, lr_scheduler_kwargs)
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.model = apply_lora(
@@ -117,9 +134,13 @@ class LoRAImageClassifier(pl.LightningModule):
             options=lora_options,
         )
         self.model.train()  # from_pretrained returns eval mode; train like the guide's Trainer does
+        # What the model expects of its input, from its image processor: the data module resizes and crops to it,
+        # the model normalises with it, exports carry it (a processor that reproduces the evaluation transform).
+        self.image_settings: ImageSettings = load_image_settings(demo.resolve(model_name_or_path))
+        self.register_buffer("pixel_mean", torch.tensor(self.image_settings.mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.image_settings.std, dtype=torch.float32), persistent=False)
         if compile:
             self.model.compile()
-        rank_zero_info(f"[lit_lora] attention: {self.model.get_base_model().config._attn_implementation}")
         # Checkpoints hold the trainable weights only; the frozen base is rebuilt from model_name_or_path.
         self.strict_loading = False
         num_classes = len(self.class_names)
@@ -139,7 +160,9 @@ class LoRAImageClassifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Logits for normalised pixels of shape (N, 3, H, W)."""
+        """Logits for images of shape (N, 3, H, W): uint8 pixels (normalised here) or normalised floats."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize(pixel_values, self.pixel_mean, self.pixel_std)
         return self.model(pixel_values=pixel_values).logits
 
     def on_fit_start(self) -> None:
@@ -208,10 +231,15 @@ class LoRAImageClassifier(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lazy_schedule(self, hp.lr_scheduler_type, hp.warmup_steps, hp.warmup_ratio)
+        schedule = build_scheduler(
+            optimizer,
+            hp.lr_scheduler_type,
+            int(self.trainer.estimated_stepping_batches),
+            hp.warmup_steps,
+            hp.warmup_ratio,
+            hp.get("lr_scheduler_kwargs"),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # ---- checkpoints: trainable weights only -------------------------------------------------------------
 
@@ -220,79 +248,42 @@ class LoRAImageClassifier(pl.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in trainable}
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._mid_window = mid_accumulation(batch_idx, self.trainer.accumulate_grad_batches, self.trainer.num_training_batches)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen base weights: they are rebuilt from ``model_name_or_path`` on load."""
+        """Keep the trainable weights only (the frozen base is rebuilt from ``model_name_or_path``), with what an
+        exact resume needs: the random states (LoRA dropout) and, when the run stops inside an accumulation window,
+        the gradients accumulated so far."""
         trainable = self.trainable_state_dict().keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        # Lightning does not store random states; LoRA dropout needs them for an exact resume.
         checkpoint["rng_states"] = torch_rng_states()
+        if getattr(self, "_mid_window", False):
+            checkpoint["accumulated_gradients"] = gradients(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which."""
-        saved = checkpoint.get("state_dict", {})
-        expected = self.trainable_state_dict()
-        mismatched = sorted(
-            set(saved) ^ set(expected)
-            | {k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape}
-        )
-        theirs = checkpoint.get("hyper_parameters", {})
-        differences = [
-            f"{key}: checkpoint has {theirs.get(key)!r}, this model {self.hparams.get(key)!r}"
-            for key in LAYOUT_HPARAMS
-            if key in theirs and _plain(theirs.get(key)) != _plain(self.hparams.get(key))
-        ]
-        if not mismatched and not differences:
+        """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``
+        resumes (and only then), restore the random states and any unfinished accumulation window."""
+        problem = layout_problem(checkpoint.get("state_dict", {}), self.trainable_state_dict(), checkpoint.get("hyper_parameters", {}), self.hparams)
+        if problem:
+            raise ValueError(
+                f"this checkpoint was made for a different model ({problem}). Load it with the settings it was trained "
+                "with (they are in its hyper_parameters), or start from a matching checkpoint."
+            )
+        if self._fit_is_resuming():
             if "rng_states" in checkpoint:
                 set_torch_rng_states(checkpoint["rng_states"])
-            return
-        detail = "; ".join(differences) if differences else f"{len(mismatched)} weights differ, e.g. {mismatched[:3]}"
-        raise ValueError(
-            f"this checkpoint was made for a different model ({detail}). Load it with the settings it was trained "
-            "with (they are in its hyper_parameters), or start from a matching checkpoint."
-        )
+            self._gradients_to_restore = checkpoint.get("accumulated_gradients")
 
+    def _fit_is_resuming(self) -> bool:
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer: load_from_checkpoint
+            return False
+        return trainer is not None and trainer.state.fn == "fit"
 
-def lazy_schedule(module: pl.LightningModule, name: str, warmup_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """A ``transformers.get_scheduler`` schedule whose length is read from the trainer at its first real step.
-
-    Asking for ``trainer.estimated_stepping_batches`` inside ``configure_optimizers`` makes Lightning build the
-    training loader's iterator before a checkpoint is restored; its workers then prefetch the first epoch's
-    order even when resuming at a later one. Every schedule starts at factor 1 (no warmup) or 0 (warmup), so
-    step 0 needs no length, and the real schedule is built once the loader exists. (A closure, not an object:
-    `LambdaLR` would put an object's attributes, the module included, into the checkpoint.)
-    """
-    built: list[Callable[[int], float]] = []
-
-    def factor(step: int) -> float:
-        if not built:
-            if step == 0:
-                return 1.0 if warmup_steps == 0 and warmup_ratio == 0 else 0.0
-            from transformers import get_scheduler
-
-            total = int(module.trainer.estimated_stepping_batches)
-            warmup = warmup_steps or math.ceil(warmup_ratio * total)
-            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            built.append(get_scheduler(name, dummy, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0])
-        return built[0](step)
-
-    return factor
-
-
-def torch_rng_states() -> dict[str, Any]:
-    """torch's CPU and CUDA random states (what dropout draws from), as tensors that ``weights_only`` loads."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_torch_rng_states(states: dict[str, Any]) -> None:
-    """Restore what `torch_rng_states` saved (CUDA states only where the device count matches)."""
-    torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
-
-
-def _plain(value: Any) -> Any:
-    """Compare lists and tuples alike (YAML gives lists, defaults are tuples)."""
-    return list(value) if isinstance(value, (list, tuple)) else value
+    def on_train_start(self) -> None:
+        saved = getattr(self, "_gradients_to_restore", None)
+        if saved:
+            restore_gradients(self, saved)
+        self._gradients_to_restore = None

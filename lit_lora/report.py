@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,10 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, ti
 
 
 def write_report(confusion: np.ndarray, class_names: list[str], folder: Path, stage: str, metrics: dict[str, float]) -> Path:
-    """Write ``per_class.csv``, ``report.md`` and ``confusion_matrix.png`` for one evaluation into ``folder``."""
+    """Write ``per_class.csv``, ``report.md``, ``metrics.json`` and ``confusion_matrix.png`` for one evaluation into
+    ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     rows = per_class_metrics(confusion, class_names)
     with (folder / "per_class.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])

@@ -173,7 +173,7 @@ def open_hf_dataset(dataset: str) -> ImageSource:
         image_column, label_column = _find_columns(features, f"dataset {dataset!r}")
 
         def read_disk(split: str, rows: list[int]) -> ImageTable:
-            return HFTable(splits[split].select(rows), image_column, label_column, f"{dataset}:{split}")
+            return HFTable(splits[split].select(rows), image_column, label_column, f"{dataset}:{split}", rows)
 
         sizes = {name: len(split) for name, split in splits.items()}
         reader = read_disk
@@ -193,7 +193,7 @@ def open_hf_dataset(dataset: str) -> ImageSource:
 
         def read_hub(split: str, rows: list[int]) -> ImageTable:
             full = datasets.load_dataset(dataset, split=split)
-            return HFTable(full.select(rows), image_column, label_column, f"{dataset}:{split}")
+            return HFTable(full.select(rows), image_column, label_column, f"{dataset}:{split}", rows)
 
         reader = read_hub
         kind = "`datasets` dataset"

@@ -1,33 +1,37 @@
-"""Preprocessing resolved from the model's image processor (size, mean, std), as the PEFT guide builds it.
+"""Preprocessing resolved from the model's image processor, the way that processor means it.
 
-Workers do the geometric part and hand over uint8 tensors; scaling to [0, 1] and normalising happen on the
-device after transfer (`normalize_on_device`), which gives the guide's numbers with a quarter of the traffic.
+`settings_from_processor` reads what a model expects (crop size, the shorter side to resize to before the centre
+crop, interpolation, mean and std) from its image processor, as timm's ``resolve_data_config`` does with
+``crop_pct``: ViT and Swin (``size`` 224, no crop) get the guide's resize-224-then-crop-224; DeiT and BEiT
+(``size`` 256, ``crop_size`` 224), DINOv2 (``shortest_edge`` 256, crop 224) and ConvNeXt (``shortest_edge`` 224,
+``crop_pct`` 0.875) resize the shorter side to 256 and crop 224. Training crops are ``RandomResizedCrop`` at the
+crop size.
 
-Two ways to do the geometric part, both taking a lazily opened PIL image (or, from the image cache, a uint8 CHW
-tensor viewing the cached pixels) and returning uint8 CHW:
+Evaluation is exactly what `transformers`' ``BitImageProcessor`` (torchvision backend, the default) does with
+``size={"shortest_edge": R}``, ``crop_size`` and the same resample: `export_processor` writes that processor next
+to every adapter and merged model, so ``pipeline("image-classification")`` and ``AutoImageProcessor`` give the
+pixels lit_lora validated on (`eval_pixels`, tested against it).
 
-- the guide's torchvision transforms on the fully decoded image (`guide_train_transform`, `guide_eval_transform`);
-- the same crops computed from the image header first (`FastTrainCrop`, `FastEvalCrop`), so that the JPEG
-  decoder can skip what the crop throws away: libjpeg decodes at 1/2, 1/4 or 1/8 scale (``Image.draft``)
-  whenever the crop still has at least the output's resolution at that scale, and crop + resize are one
-  antialiased ``Image.resize(box=...)``. torchvision cannot do this: its transforms start from decoded pixels.
-  Pixels from the image cache are already decoded: they arrive as a tensor view of the cache file, are cropped as
-  a view and resized with torch's uint8 antialiased bilinear kernel (PIL's filter to within one grey level, about
-  3x faster than PIL's resize), without ever being copied whole.
+Workers hand over uint8 tensors; scaling and normalising happen in the model (`normalize`), on the device.
+
+``fast_decode`` computes the crops from the JPEG header first (`FastTrainCrop`, `FastEvalCrop`), so libjpeg can
+decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) whenever the crop keeps full output resolution; crop and resize
+are then one PIL box resize. Training crops have the guide's distribution; evaluation pixels differ from the
+exact path by about a grey level (`benchmarks/decode.py` measures it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import functional as F
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as tvF
 
 from lit_lora.images import exif_orientation, to_rgb
 
@@ -35,6 +39,8 @@ from lit_lora.images import exif_orientation, to_rgb
 DEFAULT_SIZE = 224
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
+# PIL resample codes (what processors store) that torchvision and PIL both offer with antialiasing.
+RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}
 
 # What the transforms take: a lazily opened PIL image, or decoded uint8 CHW pixels (`CachedTable.read`).
 Picture = Image.Image | torch.Tensor
@@ -42,17 +48,75 @@ Picture = Image.Image | torch.Tensor
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """What the model expects of its input: side length after cropping, and per-channel mean and std."""
+    """What the model expects of its input.
 
-    size: int | tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    Attributes:
+        crop: (height, width) of the pixels the model receives.
+        resize: evaluation resizes the shorter side to this, then centre-crops ``crop``; None resizes straight to
+            ``crop`` (only for processors that ask for a non-square size without a crop).
+        mean: per-channel mean, in [0, 1] units.
+        std: per-channel std, in [0, 1] units.
+        interpolation: ``bilinear`` or ``bicubic`` (the processor's resample), antialiased.
+    """
+
+    crop: tuple[int, int] = (DEFAULT_SIZE, DEFAULT_SIZE)
+    resize: int | None = DEFAULT_SIZE
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
+    interpolation: str = "bilinear"
 
 
-def settings_from_processor(name_or_path: str) -> ImageSettings:
-    """Read size, mean and std from the image processor of a model (hub id or local folder).
+def _size_dict(size: Any) -> dict[str, int]:
+    if size is None:
+        return {}
+    if isinstance(size, int):
+        return {"height": size, "width": size}
+    items = dict(size.items()) if hasattr(size, "items") else dict(vars(size))
+    return {key: int(value) for key, value in items.items() if value is not None}
 
-    Mirrors the guide: ``size["height"]`` (or ``size["shortest_edge"]``), ``image_mean``, ``image_std``.
+
+def settings_from_processor(processor: Any) -> ImageSettings:
+    """Resolve crop, resize side, interpolation, mean and std from a transformers image processor.
+
+    - ``do_center_crop`` with ``crop_size``: crop that; resize the shorter side to ``size`` (``shortest_edge``, or
+      the smaller of ``height``/``width``): DeiT, BEiT, DINOv2.
+    - ``shortest_edge`` with ``crop_pct`` (ConvNeXt): below 384 px, resize to ``shortest_edge / crop_pct`` and crop
+      ``shortest_edge``; from 384 px on, the processor warps to a square: resize and crop at ``shortest_edge``.
+    - square ``size`` without a crop (ViT, Swin): the guide's resize-then-centre-crop at that size.
+    """
+    size = _size_dict(getattr(processor, "size", None))
+    crop_size = _size_dict(getattr(processor, "crop_size", None))
+    shortest = size.get("shortest_edge")
+    crop_pct = getattr(processor, "crop_pct", None)
+    resize: int | None
+    if getattr(processor, "do_center_crop", False) and crop_size.get("height"):
+        crop = (crop_size["height"], crop_size["width"])
+        resize = shortest or min(size.get("height", crop[0]), size.get("width", crop[1]))
+    elif shortest and crop_pct:
+        crop = (shortest, shortest)
+        resize = int(shortest / crop_pct) if shortest < 384 else shortest
+    elif shortest:
+        crop, resize = (shortest, shortest), shortest
+    elif size.get("height") and size.get("width"):
+        crop = (size["height"], size["width"])
+        resize = crop[0] if crop[0] == crop[1] else None
+    else:
+        raise ValueError(f"{type(processor).__name__} has no size lit_lora understands ({size}); save a processor with size and crop_size.")
+    resample = int(getattr(processor, "resample", 2) or 2)
+    return ImageSettings(
+        crop=crop,
+        resize=resize,
+        mean=tuple(float(m) for m in processor.image_mean),
+        std=tuple(float(s) for s in processor.image_std),
+        interpolation=RESAMPLE_NAMES.get(resample, "bilinear"),
+    )
+
+
+def load_image_settings(name_or_path: str) -> ImageSettings:
+    """`settings_from_processor` of the image processor saved with a model (hub id or local folder).
+
+    Raises:
+        ValueError: there is no loadable image processor there.
     """
     from transformers import AutoImageProcessor
 
@@ -60,41 +124,103 @@ def settings_from_processor(name_or_path: str) -> ImageSettings:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"could not load the image processor of {name_or_path!r}: {err}. Pass a hub id that is cached "
-            "(offline) or a local folder holding preprocessor_config.json, or set image_size/image_mean/image_std."
+            f"could not load the image processor of {name_or_path!r} ({str(err).splitlines()[0][:200]}). Pass a hub "
+            "id that is cached (offline) or a local folder holding preprocessor_config.json."
         ) from err
-    size = processor.size
-    if "shortest_edge" in size:
-        side: int | tuple[int, int] = int(size["shortest_edge"])
-    elif size["height"] == size["width"]:
-        side = int(size["height"])
-    else:
-        side = (int(size["height"]), int(size["width"]))
-    return ImageSettings(side, tuple(float(m) for m in processor.image_mean), tuple(float(s) for s in processor.image_std))
+    return settings_from_processor(processor)
 
 
-def _decoded(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[Picture], torch.Tensor]:
-    """``transform`` (torchvision on PIL images) applied to an upright RGB image; cached pixels become one first."""
+def export_processor(settings: ImageSettings) -> Any:
+    """A stock transformers image processor (``BitImageProcessor``) that computes exactly `eval_pixels` followed by
+    the model's normalisation: what adapter folders and merged exports carry, so stock tools predict what lit_lora
+    validated."""
+    from transformers import BitImageProcessor
 
-    def apply(image: Picture) -> torch.Tensor:
-        return transform(_to_pil(image) if isinstance(image, torch.Tensor) else to_rgb(image))
+    resample = {name: code for code, name in RESAMPLE_NAMES.items()}[settings.interpolation]
+    height, width = settings.crop
+    common = dict(resample=resample, image_mean=list(settings.mean), image_std=list(settings.std), do_convert_rgb=True)
+    if settings.resize is None:
+        return BitImageProcessor(size={"height": height, "width": width}, do_center_crop=False, **common)
+    return BitImageProcessor(
+        size={"shortest_edge": settings.resize}, crop_size={"height": height, "width": width}, do_center_crop=True, **common
+    )
 
-    return apply
+
+def shorter_side_shape(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to ``side``: torchvision's ``Resize(side)`` and transformers'
+    ``shortest_edge`` rule (the longer side is truncated, not rounded)."""
+    if height <= width:
+        return side, int(side * width / height)
+    return int(side * height / width), side
+
+
+def center_crop_box(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of transformers' centre crop: offsets rounded down (torchvision's ``CenterCrop`` rounds half to
+    even, one pixel apart on some sizes)."""
+    return int((height - crop[0]) / 2.0), int((width - crop[1]) / 2.0)
+
+
+def _interpolation(settings: ImageSettings) -> v2.InterpolationMode:
+    return v2.InterpolationMode(settings.interpolation)
+
+
+def eval_pixels(pixels: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
+    """uint8 CHW pixels resized and centre-cropped for evaluation, as the exported ``BitImageProcessor`` does it
+    (same torchvision kernel, same sizes and offsets). Works on any device, for one image or a batch."""
+    mode = _interpolation(settings)
+    if settings.resize is None:
+        return tvF.resize(pixels, list(settings.crop), interpolation=mode, antialias=True)
+    height, width = pixels.shape[-2:]
+    shape = shorter_side_shape(height, width, settings.resize)
+    if shape != (height, width):
+        pixels = tvF.resize(pixels, list(shape), interpolation=mode, antialias=True)
+    height, width = shape
+    if settings.crop[0] > height or settings.crop[1] > width:  # transformers pads small images with zeros
+        pad_w, pad_h = max(settings.crop[1] - width, 0), max(settings.crop[0] - height, 0)
+        pixels = tvF.pad(pixels, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=0)
+        height, width = pixels.shape[-2:]
+    top, left = center_crop_box(height, width, settings.crop)
+    return pixels[..., top : top + settings.crop[0], left : left + settings.crop[1]]
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
+    """uint8 CHW pixels as an RGB PIL image (the inverse of `_to_tensor`)."""
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _upright_pixels(image: Picture) -> torch.Tensor:
+    """uint8 CHW pixels of an upright RGB image (cached pixels are already that)."""
+    return image if isinstance(image, torch.Tensor) else _to_tensor(to_rgb(image))
+
+
+class EvalTransform:
+    """Evaluation preprocessing ending in uint8: decode, then `eval_pixels` (exactly the exported processor)."""
+
+    def __init__(self, settings: ImageSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, image: Picture) -> torch.Tensor:
+        return eval_pixels(_upright_pixels(image), self.settings).contiguous()
 
 
 def guide_train_transform(settings: ImageSettings) -> Callable[[Picture], torch.Tensor]:
     """The guide's training augmentation, ending in uint8: RandomResizedCrop, RandomHorizontalFlip."""
-    return _decoded(v2.Compose([v2.RandomResizedCrop(settings.size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]))
+    augment = v2.Compose(
+        [
+            v2.RandomResizedCrop(settings.crop, interpolation=_interpolation(settings), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+        ]
+    )
 
+    def apply(image: Picture) -> torch.Tensor:
+        return augment(_to_pil(image) if isinstance(image, torch.Tensor) else to_rgb(image))
 
-def guide_eval_transform(settings: ImageSettings) -> Callable[[Picture], torch.Tensor]:
-    """The guide's evaluation preprocessing, ending in uint8: Resize, CenterCrop."""
-    return _decoded(v2.Compose([v2.Resize(settings.size, antialias=True), v2.CenterCrop(settings.size), v2.PILToTensor()]))
-
-
-def _output_size(size: int | tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the crop."""
-    return (size, size) if isinstance(size, int) else size
+    return apply
 
 
 def _width_height(image: Picture) -> tuple[int, int]:
@@ -103,26 +229,21 @@ def _width_height(image: Picture) -> tuple[int, int]:
 
 def _crop_first(image: Picture) -> bool:
     """Whether the crop can be computed before decoding: a JPEG upright as stored (EXIF rotation would move the
-    crop), or pixels already decoded (the image cache's: a tensor, or an in-memory RGB image)."""
+    crop), or pixels already decoded (the image cache's tensors)."""
     if isinstance(image, torch.Tensor):
         return True
-    if image.format is None:
-        return image.mode == "RGB"
     return image.format == "JPEG" and exif_orientation(image) == 1
 
 
-def _crop_resize(image: Picture, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> torch.Tensor:
+def _crop_resize(image: Picture, box: tuple[float, float, float, float], out_hw: tuple[int, int], settings: ImageSettings) -> torch.Tensor:
     """Crop ``box`` (in the image's full-size coordinates) and resize it to ``out_hw`` (uint8 CHW), decoding as
     little as possible."""
-    whole_pixels = all(float(v).is_integer() for v in box)
-    if isinstance(image, Image.Image) and image.format is None and whole_pixels:
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # in memory already: the tensor path
     if isinstance(image, torch.Tensor):
-        if whole_pixels:
-            # Decoded pixels: crop as a view, resize with torch's antialiased bilinear kernel for uint8, which is
-            # PIL's filter (within one grey level) at about a third of PIL's time.
+        if all(float(v).is_integer() for v in box):
+            # Decoded pixels: crop as a view, resize with torch's antialiased kernel (PIL's filter within a level).
             left, top, right, bottom = (int(v) for v in box)
-            return resize_uint8(image[:, top:bottom, left:right], *out_hw)
+            crop = image[:, top:bottom, left:right]
+            return tvF.resize(crop, list(out_hw), interpolation=_interpolation(settings), antialias=True)
         image = _to_pil(image)  # a fractional box: PIL's box resize below
     full_w, full_h = image.size
     left, top, right, bottom = box
@@ -135,37 +256,11 @@ def _crop_resize(image: Picture, box: tuple[float, float, float, float], out_hw:
             image.draft("RGB", (need_w, need_h))
     sx, sy = image.size[0] / full_w, image.size[1] / full_h
     image = to_rgb(image) if image.mode not in ("RGB", "L") else image
+    resample = Image.BICUBIC if settings.interpolation == "bicubic" else Image.BILINEAR
     # One resize of the box (no cropped copy); unlike crop-then-resize, the filter also weighs in the pixels just
     # outside the box at its edges (0.06-0.09 grey levels on average on real photos: benchmarks/decode.py).
-    resized = image.resize((out_w, out_h), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
+    resized = image.resize((out_w, out_h), resample, box=(left * sx, top * sy, right * sx, bottom * sy))
     return _to_tensor(resized.convert("RGB") if resized.mode != "RGB" else resized)
-
-
-def resize_uint8(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 CHW pixels resized to ``height`` x ``width`` with torch's antialiased bilinear kernel for uint8: PIL's
-    filter to within one grey level, in a third to a half of PIL's time. Pixels already that size are returned.
-
-    Pixels that are channels-last in memory (views of an HWC array, as decoded images and the image cache's are)
-    come back channels-last too: torch's uint8 kernel works that way inside, and writing its result straight into
-    such an output skips its conversion back to CHW (0.095 against 0.16 ms for a crop to 224 px; 0.23 against
-    0.60 ms for a 512x384 photo to 341x256 when the cache then wants HWC). `stack_images` keeps that layout.
-    """
-    if pixels.shape[1:] == (height, width):
-        return pixels
-    if pixels.stride(0) != 1:  # CHW planes: torch's own layout choice
-        return torch.nn.functional.interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True)[0]
-    out = torch.empty((1, pixels.shape[0], height, width), dtype=torch.uint8, memory_format=torch.channels_last)
-    torch.ops.aten._upsample_bilinear2d_aa.out(pixels[None], [height, width], False, None, None, out=out)
-    return out[0]
-
-
-def _to_pil(pixels: torch.Tensor) -> Image.Image:
-    """uint8 CHW pixels as an RGB PIL image (the inverse of `_to_tensor`)."""
-    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 class FastTrainCrop:
@@ -176,39 +271,42 @@ class FastTrainCrop:
     Images that are neither plain JPEGs nor cached pixels take the guide's path.
     """
 
-    def __init__(self, settings: ImageSettings, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        self.out_hw = _output_size(settings.size)
+    def __init__(self, settings: ImageSettings, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+        self.settings = settings
         self.scale = list(scale)
         self.ratio = list(ratio)
         self.fallback = guide_train_transform(settings)
 
     def __call__(self, image: Picture) -> torch.Tensor:
+        if isinstance(image, Image.Image) and image.format is None and image.mode == "RGB":
+            image = _to_tensor(image)  # pixels in memory already: crop them as a tensor
         if not _crop_first(image):
             return self.fallback(image)
-        top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        cropped = _crop_resize(image, (left, top, left + width, top + height), self.out_hw)
+        width, height = _width_height(image)
+        top, left, h, w = v2.RandomResizedCrop.get_params(torch.empty(0, height, width), self.scale, self.ratio)
+        cropped = _crop_resize(image, (left, top, left + w, top + h), self.settings.crop, self.settings)
         return cropped.flip(-1) if torch.rand(1).item() < 0.5 else cropped
 
 
 class FastEvalCrop:
-    """The guide's Resize(shorter side) + CenterCrop as one box resize, decoding at reduced scale where possible."""
+    """`EvalTransform`'s resize and centre crop as one box resize, decoding JPEGs at reduced scale where possible."""
 
     def __init__(self, settings: ImageSettings) -> None:
-        self.size = settings.size
-        self.out_hw = _output_size(settings.size)
-        self.fallback = guide_eval_transform(settings)
+        self.settings = settings
+        self.exact = EvalTransform(settings)
 
     def __call__(self, image: Picture) -> torch.Tensor:
-        if not _crop_first(image):
-            return self.fallback(image)
+        if isinstance(image, torch.Tensor) or not _crop_first(image) or self.settings.resize is None:
+            return self.exact(image)
         w, h = _width_height(image)
-        # The size torchvision's Resize would produce, then CenterCrop's offsets, mapped back to full size.
-        resized_h, resized_w = F._compute_resized_output_size((h, w), [self.size] if isinstance(self.size, int) else list(self.size))
-        out_h, out_w = self.out_hw
-        top, left = round((resized_h - out_h) / 2.0), round((resized_w - out_w) / 2.0)
+        resized_h, resized_w = shorter_side_shape(h, w, self.settings.resize)
+        if self.settings.crop[0] > resized_h or self.settings.crop[1] > resized_w:
+            return self.exact(image)
+        top, left = center_crop_box(resized_h, resized_w, self.settings.crop)
         sx, sy = w / resized_w, h / resized_h
+        out_h, out_w = self.settings.crop
         box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-        return _crop_resize(image, box, self.out_hw)
+        return _crop_resize(image, box, self.settings.crop, self.settings)
 
 
 def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Picture], torch.Tensor]:
@@ -217,16 +315,16 @@ def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callab
 
 
 def eval_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Picture], torch.Tensor]:
-    """Evaluation preprocessing ending in uint8: `FastEvalCrop`, or the guide's torchvision transforms."""
-    return FastEvalCrop(settings) if fast_decode else guide_eval_transform(settings)
+    """Evaluation preprocessing ending in uint8: `FastEvalCrop`, or exactly the exported processor's."""
+    return FastEvalCrop(settings) if fast_decode else EvalTransform(settings)
 
 
-def normalize_on_device(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW → float32 ``(x / 255 - mean) / std``, i.e. the guide's ``ToTensor`` + ``Normalize``.
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW → float32 ``(x - 255 mean) / (255 std)``: transformers' fused rescale-and-normalise, to the bit.
 
-    Computed as ``x * (1 / (255 std)) - mean / std`` in place: one float copy of the batch instead of three. The
-    result is contiguous NCHW whatever the batch's memory layout (`stack_images` may give channels-last).
+    ``mean`` and ``std`` are in [0, 1] units, as processors store them.
     """
-    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
-    shift = (mean / std).view(1, -1, 1, 1)
-    return torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels).mul_(scale).sub_(shift)
+    scale = 1.0 / (1.0 / 255.0)  # transformers divides by its rescale_factor (1/255), not multiplies by 255
+    shift = (mean * scale).view(1, -1, 1, 1)
+    spread = (std * scale).view(1, -1, 1, 1)
+    return (pixels.to(torch.float32) - shift) / spread

@@ -89,15 +89,16 @@ def test_checkpoint_of_another_model_is_refused_saying_which(tmp_path: Path, mon
 class SignalAtBatch(pl.Callback):
     """Sends this process a real signal after a given training batch, as a preempting scheduler or Ctrl-C would."""
 
-    def __init__(self, batch: int = 2, signal_name: str = "SIGTERM") -> None:
+    def __init__(self, batch: int = 2, signal_name: str = "SIGTERM", epoch: int = 1) -> None:
         self.batch = batch
         self.signal_name = signal_name
+        self.epoch = epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import os
         import signal
 
-        if trainer.current_epoch == 1 and batch_idx == self.batch:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
@@ -129,11 +130,49 @@ def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, tiny_vit
     resumed = subprocess.run(args + [f"--ckpt_path={last}"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(last, weights_only=True)
-    assert final["epoch"] == 2 and final["global_step"] == 15
+    assert final["global_step"] == 15
     seen = Counter(tuple(map(int, line.split())) for line in (tmp_path / "images_seen.txt").read_text().splitlines())
     # Every training image exactly once per epoch, the interrupted epoch included: nothing replayed or missed.
     assert all(count == 1 for count in seen.values())
     assert Counter(epoch for epoch, _ in seen) == {0: 36, 1: 36, 2: 36}
+
+
+@pytest.mark.parametrize("batches_done", [2, 4])
+def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, tiny_vit: str, food101_dir: str, batches_done: int) -> None:
+    """The recipe accumulates 4 batches per optimizer step: stopping after 2 batches of a window (or after a whole
+    one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through."""
+    import os
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "lit_lora", "fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=4"]
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "stopped").mkdir()
+    straight = subprocess.run(args, cwd=tmp_path / "straight", env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}"]
+    stopped = subprocess.run(args + stop, cwd=tmp_path / "stopped", env=env, capture_output=True, text=True)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
+    interrupted = torch.load(last, weights_only=True)
+    # 5 batches per epoch: steps after batches 4 and 5; then 2 (mid-window) or 4 (a whole window) of epoch 1.
+    assert interrupted["global_step"] == 2 + batches_done // 4
+    assert ("accumulated_gradients" in interrupted) == (batches_done % 4 != 0)
+    resumed = subprocess.run(args + [f"--ckpt_path={last}"], cwd=tmp_path / "stopped", env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for index, state in a["optimizer_states"][0]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[moment], b["optimizer_states"][0]["state"][index][moment]), (index, moment)
+    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
 
 
 def test_last_checkpoint_follows_every_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:

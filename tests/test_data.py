@@ -122,15 +122,17 @@ def test_grayscale_and_other_modes_become_rgb(tmp_path: Path, food101_dir: str) 
 
 
 def test_batches_match_the_guides_torchvision_preprocessing(food101_dir: str, tiny_vit: str) -> None:
+    from lit_lora.transforms import normalize
+
     module = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, num_workers=0, image_processor=tiny_vit)
-    assert module.image_settings.size == 32 and module.image_settings.mean == (0.5, 0.5, 0.5)
+    assert module.image_settings.crop == (32, 32) and module.image_settings.resize == 32
     module.setup("fit")
     assert len(module.train_table) == 36 and len(module.val_table) == 12
     assert Counter(module.val_table.labels) == {i: 3 for i in range(4)}
 
     batch = next(iter(module.val_dataloader()))
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape[1:] == (3, 32, 32)
-    normalised = module.on_after_batch_transfer(dict(batch), 0)["pixel_values"]
+    normalised = normalize(batch["pixel_values"], torch.tensor([0.5] * 3), torch.tensor([0.5] * 3))
     guide = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
     expected = torch.stack([guide(Image.open(p).convert("RGB")) for p in module.val_table.paths[: len(normalised)]])
     torch.testing.assert_close(normalised, expected, atol=1e-6, rtol=0)
@@ -174,7 +176,7 @@ def test_item_seeds_fix_the_augmentation_without_touching_the_callers_random_str
     from lit_lora.transforms import ImageSettings, train_transform
 
     table = open_local_folder(food101_dir).select("train")
-    dataset = ImageDataset(table, train_transform(ImageSettings(24, (0.5,) * 3, (0.5,) * 3)))
+    dataset = ImageDataset(table, train_transform(ImageSettings(crop=(24, 24), resize=24)))
     torch.manual_seed(11)
     with Image.open(table.paths[5]) as image:
         expected = dataset.transform(image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -40,11 +41,14 @@ def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, fo
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 5  # 34 images / 2 processes / 4 -> 5 steps
 
     # Validation on two processes gives exactly the single-process figures: each image counted once.
+    # validate writes its report into the checkpoint's run folder, not into a new logger version.
     run_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
+    two = json.loads((run / "validate_report" / "metrics.json").read_text())
     run_cli(["validate", *args, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
-    two, one = tmp_path / "checkpoints" / "run" / "version_1", tmp_path / "checkpoints" / "run" / "version_2"
-    assert logged(two, "val/acc") == pytest.approx(logged(one, "val/acc"), abs=1e-6)
-    assert logged(two, "val/loss") == pytest.approx(logged(one, "val/loss"), abs=1e-5)
+    one = json.loads((run / "validate_report" / "metrics.json").read_text())
+    assert two["val/acc"] == pytest.approx(one["val/acc"], abs=1e-6)
+    assert two["val/loss"] == pytest.approx(one["val/loss"], abs=1e-5)
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
 
     # One predictions.csv with every image exactly once, in sorted order.
     out = tmp_path / "predictions.csv"

@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig
 
-from lit_lora.lora import LoRADropout, apply_lora, resolve_target_modules, trainable_summary
+from lit_lora.lora import apply_lora, resolve_target_modules, trainable_summary
 
 RECIPE = dict(r=16, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.1, bias="none", modules_to_save=["classifier"])
 
@@ -92,24 +92,3 @@ def test_unknown_lora_option_and_missing_head_are_reported() -> None:
         apply_lora(tiny_model("vit"), **RECIPE, options={"r": 8})
     with pytest.raises(ValueError, match=r"modules_to_save \['head'\].*classifier"):
         apply_lora(tiny_model("vit"), **{**RECIPE, "modules_to_save": ["head"]})
-
-
-def test_lora_dropout_on_cpu_is_a_cheaper_mask_with_dropouts_statistics() -> None:
-    model = apply_lora(tiny_model("vit"), **RECIPE)
-    dropouts = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
-    assert len(dropouts) == 4 and all(type(d) is LoRADropout and d.p == 0.1 for d in dropouts)
-
-    dropout = dropouts[0].train()
-    x = torch.randn(400, 500, requires_grad=True)
-    torch.manual_seed(3)
-    y = dropout(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.005  # p = 0.1 of the inputs dropped
-    assert torch.allclose(y[kept], x[kept] / 0.9)  # the rest scaled by 1 / (1 - p)
-    y.sum().backward()
-    assert torch.allclose(x.grad, kept.float() / 0.9)  # gradient flows through the kept inputs only
-    torch.manual_seed(3)
-    assert torch.equal(dropout(x), y)  # torch's generator: seeding and checkpointed RNG states still apply
-    assert not torch.equal(dropout(x) != 0, kept)  # a new mask for each call
-    assert dropout(x.detach().bfloat16()).dtype == torch.bfloat16  # the input's precision is kept
-    assert torch.equal(dropout.eval()(x), x)

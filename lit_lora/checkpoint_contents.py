@@ -1,0 +1,66 @@
+"""What `LoRAImageClassifier` puts into a checkpoint beside its trainable weights, and how it reads it back:
+the layout check, the random states and the gradients of an unfinished accumulation window."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# Hyperparameters that fix the shape of the trainable weights: a checkpoint only loads where they agree.
+LAYOUT_HPARAMS = ("model_name_or_path", "class_names", "r", "target_modules", "modules_to_save", "lora_options")
+
+
+def _plain(value: Any) -> Any:
+    """Compare lists and tuples alike (YAML gives lists, defaults are tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def layout_problem(
+    saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], theirs: Mapping[str, Any], ours: Mapping[str, Any]
+) -> str | None:
+    """Why the saved trainable weights do not fit this model (the differing settings first), or None if they do."""
+    mismatched = sorted(set(saved) ^ set(expected) | {k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape})
+    differences = [
+        f"{key}: checkpoint has {theirs.get(key)!r}, this model {ours.get(key)!r}"
+        for key in LAYOUT_HPARAMS
+        if key in theirs and _plain(theirs.get(key)) != _plain(ours.get(key))
+    ]
+    if not mismatched and not differences:
+        return None
+    return "; ".join(differences) if differences else f"{len(mismatched)} weights differ, e.g. {mismatched[:3]}"
+
+
+def torch_rng_states() -> dict[str, Any]:
+    """torch's CPU and CUDA random states (what dropout draws from), as tensors that ``weights_only`` loads."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_torch_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what `torch_rng_states` saved (CUDA states only where the device count matches)."""
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+def mid_accumulation(batch_idx: int, accumulate_grad_batches: int, batches_per_epoch: int | float) -> bool:
+    """Whether training batch ``batch_idx`` left gradients waiting for more batches before the optimizer steps
+    (Lightning steps after every ``accumulate_grad_batches``-th batch and after an epoch's last)."""
+    return (batch_idx + 1) % accumulate_grad_batches != 0 and batch_idx + 1 != batches_per_epoch
+
+
+def gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The gradients held by ``module``'s trainable parameters, by parameter name."""
+    return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def restore_gradients(module: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Put saved gradients back, so the interrupted accumulation window continues where it stopped."""
+    parameters = dict(module.named_parameters())
+    for name, grad in saved.items():
+        parameter = parameters[name]
+        parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype)
