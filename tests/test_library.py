@@ -1,0 +1,100 @@
+"""Using lit_lora as a library: importing it or adding its callback changes no process-wide state, loading a
+checkpoint does not reseed the caller, and every learning-rate schedule either works or is refused up front."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_lora import AdapterCheckpoint, Food101DataModule, LoRAImageClassifier
+
+
+def test_import_changes_no_signal_handler_or_random_state() -> None:
+    script = """
+import signal, torch
+torch.manual_seed(5)
+before = (torch.get_rng_state(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+import lit_lora, lit_lora.cli
+after = (torch.get_rng_state(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+assert torch.equal(before[0], after[0]) and before[1:] == after[1:], "import changed global state"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+class WatchSigint(pl.Callback):
+    """Records the SIGINT handler in force while training runs."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.during = signal.getsignal(signal.SIGINT)
+
+
+def small_fit(tmp_path: Path, tiny_vit: str, food101_dir: str, callbacks: list[pl.Callback]) -> tuple[LoRAImageClassifier, pl.Trainer]:
+    torch.manual_seed(0)
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, batch_size=8, num_workers=0, image_processor=tiny_vit)
+    model = LoRAImageClassifier(tiny_vit, class_names=data.class_names)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path), callbacks=callbacks, enable_checkpointing=bool(callbacks),
+    )
+    trainer.fit(model, datamodule=data)
+    return model, trainer
+
+
+def test_adapter_checkpoint_leaves_signals_and_random_state_alone(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    watch = WatchSigint()
+    small_fit(tmp_path / "plain", tiny_vit, food101_dir, [])
+    without = torch.get_rng_state()
+    _, trainer = small_fit(tmp_path / "with", tiny_vit, food101_dir, [AdapterCheckpoint(dirpath=str(tmp_path / "ckpt")), watch])
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file() and (tmp_path / "ckpt" / "adapter-last").is_dir()
+    assert watch.during is handler and signal.getsignal(signal.SIGINT) is handler  # Ctrl-C still interrupts
+    assert torch.equal(torch.get_rng_state(), without)  # the callback drew nothing and reseeded nothing
+
+    # Loading a checkpoint builds the model (which draws the new head's initial weights) and nothing more.
+    torch.manual_seed(123)
+    LoRAImageClassifier(tiny_vit, class_names=trainer.lightning_module.class_names)
+    expected = torch.get_rng_state()
+    torch.manual_seed(123)
+    LoRAImageClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert torch.equal(torch.get_rng_state(), expected)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "reduce_lr_on_plateau"])
+def test_learning_rate_schedules(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
+    from lit_lora.cli import cli_main
+
+    from test_cli import common_args
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--model.lr_scheduler_type={name}", "--model.warmup_steps=2", "--trainer.max_epochs=2"])
+    config = cli.trainer.lr_scheduler_configs[0]
+    rates = [float(r["lr-AdamW/pg1"]) for r in __import__("csv").DictReader((Path(cli.trainer.log_dir) / "metrics.csv").open()) if r.get("lr-AdamW/pg1")]
+    peak = cli.model.hparams.learning_rate
+    if name == "reduce_lr_on_plateau":
+        assert isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        assert config.interval == "epoch" and config.monitor == "val/loss"
+    else:
+        assert config.interval == "step" and rates[0] == 0.0  # warmup starts at 0
+        assert max(rates) == pytest.approx(peak)
+        assert (rates[-1] == pytest.approx(peak)) == (name == "constant_with_warmup")
+
+
+def test_unknown_or_unsteppable_schedules_are_refused_before_anything_is_built(tmp_path: Path) -> None:
+    from lit_lora.schedules import scheduler_names
+
+    assert {"linear", "cosine", "reduce_lr_on_plateau", "warmup_stable_decay"} <= set(scheduler_names())
+    for name, message in (
+        ("cosine_decay", "is not a transformers schedule; use one of .*'linear'"),
+        ("greedy", "'greedy' is not supported"),
+        ("cosine_with_min_lr", "needs min_lr or min_lr_rate in lr_scheduler_kwargs"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LoRAImageClassifier(str(tmp_path / "never-loaded"), class_names=["a", "b"], lr_scheduler_type=name)
