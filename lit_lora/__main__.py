@@ -8,6 +8,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_lora.cli import cli_main
 
 
+def one_message(err: BaseException) -> str:
+    """The error's own message; for one re-raised from a loader worker, without the worker's traceback text."""
+    message = str(err)
+    if "Original Traceback" in message:  # torch's ExceptionWrapper: the worker's traceback, our message last
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith(type(err).__module__) or ": " in last.split(" ", 1)[0] else last
+    return message
+
+
 def main() -> NoReturn:
     """``python -m lit_lora``: run the CLI; our own errors end in one ``lit_lora: error: ...`` line."""
     try:
@@ -18,7 +27,7 @@ def main() -> NoReturn:
         # Our errors say what was wrong, where, and what to do; a traceback would bury that.
         if os.environ.get("LIT_LORA_TRACEBACK"):
             raise
-        print(f"lit_lora: error: {err}\n(set LIT_LORA_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        print(f"lit_lora: error: {one_message(err)}\n(set LIT_LORA_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)
 

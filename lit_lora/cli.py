@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_lora.checkpointing import AdapterCheckpoint
+from lit_lora.console import quiet_other_libraries
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule, settings_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
@@ -27,6 +28,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "precision": "16-mixed",  # without a GPU the CLI trains in 32-true instead and says so in one line
     "default_root_dir": "checkpoints",
+    "enable_model_summary": False,  # fit prints the guide's trainable-parameters line instead
     "logger": {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": "checkpoints", "name": "lit_lora"},
@@ -99,11 +101,12 @@ class LitLoRACLI(LightningCLI):
             class_names = config.model.get("class_names")
             if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
                 continue_in_run_folder(config, Path(ckpt_path))
-        # predict needs no labelled data: take the labels from the checkpoint. validate/test compare them instead.
-        if subcommand == "predict" and class_names and not config.data.get("class_names"):
+        # predict needs no labelled data: take the labels from the checkpoint. validate/test compare them with the
+        # data's (a different label set is refused, naming both) instead of loading weights of the wrong shape.
+        if class_names and not config.data.get("class_names") and (subcommand == "predict" or self.adapter_folder):
             config.data.class_names = list(class_names)
-            if not config.data.get("data_dir"):
-                config.data.dataset = None
+        if subcommand == "predict" and not config.data.get("data_dir"):
+            config.data.dataset = None
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -125,7 +128,12 @@ def add_tensorboard_beside_csv(trainer: Any) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+    """Whether a model name is meant as a folder, not a hub id (``org/name``): an absolute, home or dotted path,
+    more than one ``/``, or a first component that is a folder here (``models/vit-micro`` with ``models/``)."""
+    if "://" in name:  # demo:// assets
+        return False
+    path = Path(name).expanduser()
+    return name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1 or path.exists() or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
 
 
 def preflight_problems(subcommand: str, config: Any) -> list[str]:
@@ -134,7 +142,7 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     data, model = config.data, config.model
     name = model.get("model_name_or_path") or ""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
-        problems.append(f"model.model_name_or_path {name!r} is not a folder (a hub id or a save_pretrained folder)")
+        problems.append(f"model.model_name_or_path {name!r} is not a folder here (give a save_pretrained folder that exists, or a hub id)")
     data_dir = data.get("data_dir")
     if data_dir and not str(data_dir).startswith("demo://") and not Path(data_dir).expanduser().is_dir():
         problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
@@ -215,8 +223,16 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
-    """Run the command line; ``args`` replaces ``sys.argv[1:]`` (tests call it with a list)."""
+    """Run the command line; ``args`` replaces ``sys.argv[1:]`` (tests call it with a list).
+
+    ``--verbose`` anywhere keeps the other libraries' start-up messages, which are otherwise left out.
+    """
     argv = list(sys.argv[1:] if args is None else args)
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+    else:
+        quiet_other_libraries()
+    args = argv
     if argv[:1] == ["export"]:
         from jsonargparse import CLI
 
@@ -228,6 +244,7 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
             Food101DataModule,
             args=args,
             trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": DESCRIPTION, "prog": "python -m lit_lora"},
             parser_class=ShortErrorParser,

@@ -114,7 +114,14 @@ def load_adapter_weights(module: LoRAImageClassifier, folder: str | os.PathLike)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    result = set_peft_model_state_dict(module.model, load_file(Path(folder) / ADAPTER_WEIGHTS))
+    try:
+        result = set_peft_model_state_dict(module.model, load_file(Path(folder) / ADAPTER_WEIGHTS))
+    except RuntimeError as err:  # torch's "size mismatch for ...": another label set or LoRA rank
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
+        raise ValueError(
+            f"adapter folder {folder} does not fit this model ({detail[:300]}). It was trained with other settings: "
+            "load it with the labels and LoRA settings it was saved with."
+        ) from err
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{folder} holds weights this model has no place for: {unexpected[:3]}")

@@ -148,7 +148,9 @@ class LoRAImageClassifier(pl.LightningModule):
             {
                 "acc": MulticlassAccuracy(num_classes=num_classes, top_k=1),
                 "acc_top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes)),
-            }
+            },
+            # Not shared: with compute groups, top-1 and top-5 accuracy could end up sharing one state.
+            compute_groups=False,
         )
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")

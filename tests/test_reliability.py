@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,33 @@ from lit_lora.images import BadImageError
 from test_cli import common_args
 
 BAD = {"tomato/0001": "truncated", "matcha/0002": "empty", "banana/0003": "text"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of the demo (8 classes) through the command line; returns its run folder."""
+    folder = tmp_path_factory.mktemp("demo")
+    result = run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.max_epochs=1"], folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (folder / "fit_output.txt").write_text(result.stdout + result.stderr)
+    return folder / "checkpoints" / "demo" / "version_0"
+
+
+def test_the_console_shows_lit_loras_lines_not_library_chatter(tmp_path: Path, trained_demo: Path) -> None:
+    demo = ["--config", str(REPO / "configs" / "demo.yaml")]
+    outputs = {"fit": (trained_demo.parents[2] / "fit_output.txt").read_text()}
+    for command, extra in (("validate", [f"--ckpt_path={trained_demo / 'last.ckpt'}"]), ("predict", [f"--ckpt_path={trained_demo / 'adapter'}", f"--data.predict_dir={trained_demo}"])):
+        result = run_cli([command, *demo, *extra], tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[command] = result.stdout + result.stderr
+    for command, output in outputs.items():
+        for chatter in ("LOAD REPORT", "litlogger", "Found keys", "GPU available", "is_gradient_checkpointing", "dirpath has changed", "Loading weights"):
+            assert chatter not in output, (command, chatter)
+    assert "[lit_lora] trainable params:" in outputs["fit"] and "[lit_lora] fit finished" in outputs["fit"]
+    assert "[lit_lora] validate report" in outputs["validate"] and "[lit_lora] wrote 2 predictions" in outputs["predict"]  # the run folder's two PNGs
+    verbose = run_cli(["--verbose", "validate", *demo, f"--ckpt_path={trained_demo / 'last.ckpt'}"], tmp_path)
+    assert "GPU available" in verbose.stdout + verbose.stderr  # --verbose brings the libraries' lines back
 
 
 @pytest.fixture
@@ -119,6 +150,51 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "lit_lora: error: 1 problem(s) in the configuration" in result.stderr and "data.data_dir" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_cli(args: list[str], cwd: Path, offline: bool = True) -> subprocess.CompletedProcess:
+    cache = os.environ.get("LIT_LORA_CACHE") or str(Path(tempfile.gettempdir()) / "lit_lora_test_cache")
+    env = {"PATH": "", "LIT_LORA_CACHE": cache, **({"HF_HUB_OFFLINE": "1"} if offline else {})}
+    return subprocess.run([sys.executable, "-m", "lit_lora", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_misspelled_option_says_what_it_may_have_meant(tmp_path: Path) -> None:
+    result = run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.batchsize", "64"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("python -m lit_lora") and "unrecognized arguments: --data.batchsize" in lines[0]
+    assert "Did you mean --data.batch_size" in lines[0] and len(lines) <= 2  # no page of usage text
+
+
+def test_missing_relative_model_folder_fails_at_once_even_online(tmp_path: Path) -> None:
+    import time
+
+    (tmp_path / "models").mkdir()
+    started = time.perf_counter()
+    imports = subprocess.run([sys.executable, "-c", "import lit_lora.cli"], env={"PATH": ""})
+    import_seconds = time.perf_counter() - started
+    assert imports.returncode == 0
+    started = time.perf_counter()
+    result = run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--model.model_name_or_path", "models/vit-micro"], tmp_path, offline=False)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "lit_lora: error: 1 problem(s)" in result.stderr and "'models/vit-micro' is not a folder here" in result.stderr
+    assert seconds - import_seconds < 5  # no attempt to reach the hub (before: 97 s of retries)
+
+
+def test_on_bad_image_error_in_a_loader_worker_is_one_line(tmp_path: Path, dirty_food101: Path, tiny_vit: str) -> None:
+    args = [a for a in common_args(tiny_vit, str(dirty_food101)) if "num_workers" not in a]
+    result = run_cli(["fit", *args, "--data.num_workers=1", "--data.on_bad_image=error", "--trainer.max_epochs=1"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Original" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("lit_lora: error:")]
+    assert len(error) == 1 and error[0].startswith("lit_lora: error: cannot read image ") and "--data.on_bad_image skip" in error[0]
+
+
+def test_adapter_folder_for_other_labels_is_one_line(tmp_path: Path, trained_demo: Path, food101_dir: str) -> None:
+    result = run_cli(["validate", "--config", str(REPO / "configs" / "demo.yaml"), f"--data.data_dir={food101_dir}", f"--ckpt_path={trained_demo / 'adapter'}"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "size mismatch" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("lit_lora: error:")]
+    assert len(error) == 1 and "class_names ['tomato', 'matcha', 'blueberry', 'banana', 'eggplant']" in error[0] and "differ from those of" in error[0]
 
 
 def test_model_that_does_not_exist_or_is_not_an_image_classifier(tmp_path: Path) -> None:

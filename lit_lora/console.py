@@ -1,0 +1,53 @@
+"""What the command line prints: lit_lora's own lines, the progress bar and actionable warnings, not the
+start-up chatter of the libraries underneath (``python -m lit_lora --verbose ...`` shows everything).
+
+Only the CLI calls `quiet_other_libraries`; importing lit_lora or using its modules changes no logging setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# Messages from Lightning's loggers that tell a lit_lora user nothing they can act on.
+LIGHTNING_CHATTER = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "LOCAL_RANK",
+    "💡 Tip",
+    "Seed set to",
+    "Loading `train_dataloader` to estimate",
+    "`Trainer.fit` stopped",
+    "Restored all states from the checkpoint",
+    "Restoring states from the checkpoint",
+    "Loaded model weights from the checkpoint",
+    "`weights_only` was not set",
+)
+# Warnings raised inside libraries about their own internals, or about what lit_lora does on purpose.
+LIBRARY_WARNINGS = (
+    r".*is_gradient_checkpointing.*",  # transformers deprecating a name another library still calls
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning on torch's pytree
+    r"No seed found.*",  # LightningCLI's seed_everything: the resolved seed is in config.yaml
+    r"Found keys that are in the model state dict but not in the checkpoint.*",  # the frozen base, by design
+    r"The dirpath has changed.*",
+    r".*exists and is not empty.*",
+)
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(LIGHTNING_CHATTER)
+
+
+def quiet_other_libraries() -> None:
+    """Silence transformers' load reports and progress bars and Lightning's start-up lines for this process."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    chatter = _DropChatter()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch"):
+        logging.getLogger(name).addFilter(chatter)
+    for pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
