@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
-# The GPU benchmark, as run through the device tool on one H100/H200 (no network there; the wheels of the
-# packages its image lacks, datasets and jsonargparse, travel in .whl/):
+# The GPU benchmark, prepared for one call of the device tool on one H100/H200 (no network there; the wheels of the
+# packages its image lacks travel in .whl/, see the device tool's README):
 #
-#   bash benchmarks/gpu.sh [IMAGES] [EPOCHS]
+#   bash benchmarks/gpu.sh [IMAGES] [EPOCHS]          # default 10000 generated 512 px JPEGs, 2 epochs
+#   RECIPE=1 bash benchmarks/gpu.sh                    # the recipe's size instead: 5,000 images (4,500/500), 5 epochs
+#   DRY=1 bash benchmarks/gpu.sh                       # the whole script on a CPU with tiny sizes (a test runs it)
 #
-# Builds a random ViT-B/16 and IMAGES generated 512 px JPEGs, then runs benchmarks/compare.py: the guide's
-# pipeline as written (0 loader workers) and with 16 workers, lit_lora eager and with its image cache (built in
-# the run), and lit_lora predict; about 6 minutes on an H200 for 10,000 images and 2 epochs.
-# EXTRA="--compiled" adds a compiled run (about 2.5 more minutes), GUIDE_WORKERS="16" skips the slow guide run.
+# Runs, in one call: the guide's pipeline as written (0 loader workers) and with 16 workers; lit_lora fit from
+# JPEGs and with its image cache built in the run; lit_lora validate and predict; then the ceilings (bare training
+# step, bare inference, the training loader alone: benchmarks/step.py) and the summary (benchmarks/gpu_report.py:
+# loop/bare-step ratio, fixed cost, peak GPU memory, the card's name). Results land in $OUT (default /tmp/out).
+# EXTRA="--compiled" adds a compiled run; GUIDE_WORKERS="16" skips the slow guide run.
 set -euo pipefail
 IMAGES=${1:-10000}
 EPOCHS=${2:-2}
 OUT_DIR=${OUT:-/tmp/out}
-mkdir -p "$OUT_DIR"
-if [ -d .whl ]; then
+WORK=${WORK_DIR:-/tmp/bench}
+mkdir -p "$OUT_DIR" "$WORK"
+if [ -d .whl ] && [ -z "${DRY:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
+PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
-python3 - <<'PY' | tee -a "$OUT_DIR/gpu.txt"
+if [ -n "${RECIPE:-}" ]; then IMAGES=5000; EPOCHS=5; fi
+if [ -n "${DRY:-}" ]; then
+  IMAGES=40; EPOCHS=1
+  DEVICE=(--workers 1); GUIDE=(--guide_workers 0); STEP=(--device cpu --batch_size 8 --steps 2 --workers 1)
+  echo "dry run on the CPU" | tee "$OUT_DIR/gpu.txt"
+else
+  DEVICE=(--gpu --vit_b16 --workers 16); GUIDE=(--guide_workers ${GUIDE_WORKERS:-0 16}); STEP=(--device cuda --workers 16)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+fi
+"$PYTHON" - <<'PY' | tee -a "$OUT_DIR/gpu.txt"
 import importlib
+import os
 for name in ("torch", "torchvision", "lightning", "transformers", "peft", "torchmetrics", "datasets", "jsonargparse", "pyarrow", "PIL"):
     module = importlib.import_module(name)
     print(name, getattr(module, "__version__", "?"))
-import os
 print("cpus", len(os.sched_getaffinity(0)))
 PY
-python3 benchmarks/compare.py --gpu --vit_b16 --images "$IMAGES" --epochs "$EPOCHS" --workers 16 \
-  --guide_workers ${GUIDE_WORKERS:-0 16} --cache --predict ${EXTRA:-} --work_dir /tmp/bench --result "$OUT_DIR/gpu_result.json" 2>&1 | tee "$OUT_DIR/gpu_compare.log"
-cp /tmp/bench/*.log "$OUT_DIR/" 2>/dev/null || true
+"$PYTHON" benchmarks/compare.py "${DEVICE[@]}" --images "$IMAGES" --epochs "$EPOCHS" "${GUIDE[@]}" --cache --validate --predict \
+  ${EXTRA:-} --work_dir "$WORK" --result "$OUT_DIR/gpu_result.json" 2>&1 | tee "$OUT_DIR/gpu_compare.log"
+MODEL=$(ls -d "$WORK"/vit-* | head -n 1)
+"$PYTHON" benchmarks/step.py --model_dir "$MODEL" --data_dir "$WORK/images-$IMAGES" "${STEP[@]}" --result "$OUT_DIR/step.json" > "$OUT_DIR/step.log" 2>&1
+"$PYTHON" benchmarks/gpu_report.py "$OUT_DIR/gpu_result.json" "$OUT_DIR/step.json" "$OUT_DIR/gpu.txt" | tee "$OUT_DIR/summary.md"

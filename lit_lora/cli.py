@@ -215,7 +215,7 @@ class ShortErrorParser(LightningArgumentParser):
         hint = ""
         unknown = [word for word in message.replace(",", " ").replace("'", " ").split() if word.startswith("--")]
         if unknown:
-            options = [option for action in self._actions for option in action.option_strings]
+            options = [f"--{key}" for key in self.get_defaults().keys()]
             close = [c for word in unknown for c in difflib.get_close_matches(word.split("=")[0], options, n=2, cutoff=0.75)]
             if close:
                 hint = f" Did you mean {' or '.join(dict.fromkeys(close))}?"
@@ -236,7 +236,7 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
     if argv[:1] == ["export"]:
         from jsonargparse import CLI
 
-        return CLI(export, args=argv[1:], as_positional=False)
+        return CLI(export, args=argv[1:], as_positional=False, prog="python -m lit_lora export")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
         return LitLoRACLI(

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from lit_lora import demo
 from lit_lora.cache import CachedTable, cached
+from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, collate_skipping_bad_images
 from lit_lora.sampling import SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
@@ -71,9 +72,8 @@ class ResumableDataLoader(DataLoader):
         if self.datamodule is None or not state:
             return
         self.datamodule.load_state_dict(state)
-        epoch, batches = self.datamodule.resume_point()
         if isinstance(self.sampler, SeededShuffleSampler):
-            self.sampler.epoch, self.sampler.skip = epoch, batches * (self.batch_size or 1)
+            self.datamodule.start_at_resume_point(self.sampler)
 
 
 class Food101DataModule(pl.LightningDataModule):
@@ -102,6 +102,7 @@ class Food101DataModule(pl.LightningDataModule):
         predict_dir: str | list[str] | None = None,
         class_names: list[str] | None = None,
         fast_decode: bool = True,
+        decode_on_device: bool = False,
         cache_dir: str | None = None,
         cache_short_side: int = 256,
         on_bad_image: Literal["skip", "error"] = "skip",
@@ -140,6 +141,9 @@ class Food101DataModule(pl.LightningDataModule):
             fast_decode: choose each JPEG's crop from its header and let libjpeg decode only at the scale the crop
                 needs (same crop distribution as the guide's transforms, pixels within a few levels; see README).
                 False runs the guide's torchvision transforms on fully decoded images.
+            decode_on_device: for validation, test and predict, loader workers only read JPEG files; each batch is
+                decoded (nvJPEG through torchvision on a GPU), resized and centre-cropped on the model's device,
+                with the same evaluation transform. Other files, and files the decoder rejects, take the CPU path.
             cache_dir: folder for an on-disk cache of pre-resized uint8 images (built once, reused across epochs
                 and runs, rebuilt when the images change). Training images are cached with the shorter side at
                 ``cache_short_side``, validation and test images at the evaluation size. Off by default.
@@ -164,6 +168,7 @@ class Food101DataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.predict_dir = predict_dir
         self.fast_decode = fast_decode
+        self.decode_on_device = decode_on_device
         self.cache_dir = cache_dir
         self.cache_short_side = cache_short_side
         self.on_bad_image = on_bad_image
@@ -303,8 +308,8 @@ class Food101DataModule(pl.LightningDataModule):
         sampler = None
         if train:
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-            epoch, batches = self.resume_point()
-            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank, epoch=epoch, skip=batches * self.batch_size)
+            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank)
+            self.start_at_resume_point(sampler)
             self._train_sampler = sampler
         elif self.trainer is not None and self.trainer.world_size > 1:
             # Evaluation under DDP: each image on exactly one process. Lightning's default DistributedSampler
@@ -314,7 +319,7 @@ class Food101DataModule(pl.LightningDataModule):
             )
         workers = self._loader_workers(table)
         loader = (ResumableDataLoader if train else DataLoader)(
-            ImageDataset(table, transform, self.on_bad_image),
+            ImageDataset(table, transform, self.on_bad_image, encoded=self.decode_on_device and not train),
             collate_fn=collate_skipping_bad_images,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
@@ -363,6 +368,13 @@ class Food101DataModule(pl.LightningDataModule):
         """Deterministic batches of the images under ``predict_dir``, in sorted path order."""
         return self._loader(self.predict_table, train=False)
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """With ``decode_on_device``: decode, resize and crop the batch's JPEGs on the model's device."""
+        if "encoded" in batch:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            batch = decode_batch(batch, self.image_settings, device, self.on_bad_image)
+        return batch
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Collect the names of unreadable images, and count the training batches of the epoch (for `state_dict`)."""
         for path, reason in batch.pop("skipped", []):
@@ -390,6 +402,9 @@ class Food101DataModule(pl.LightningDataModule):
         self._progress = {"epoch": epoch, "batches": batches}
         self._resume_at = (epoch, batches)
 
-    def resume_point(self) -> tuple[int, int]:
-        """(epoch, batches already trained in it) where the next training pass starts: (0, 0) unless resuming."""
-        return self._resume_at or (0, 0)
+    def start_at_resume_point(self, sampler: SeededShuffleSampler) -> None:
+        """Make ``sampler``'s next pass start where a resumed run left off (once; nothing unless resuming)."""
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.epoch, sampler.skip = epoch, batches * self.batch_size
+            self._resume_at = None

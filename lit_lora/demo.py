@@ -53,7 +53,6 @@ def build_tiny_vit(folder: Path, image_size: int = 32, seed: int = 0) -> None:
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    torch.manual_seed(seed)
     config = ViTConfig(
         image_size=image_size,
         patch_size=8,
@@ -62,7 +61,10 @@ def build_tiny_vit(folder: Path, image_size: int = 32, seed: int = 0) -> None:
         num_attention_heads=4,
         intermediate_size=128,
     )
-    ViTModel(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # the caller's random stream (seed_everything) stays as it was
+        torch.manual_seed(seed)
+        model = ViTModel(config)
+    model.save_pretrained(folder)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
 
 

@@ -76,6 +76,10 @@ class ImageTable:
         """Where row ``i`` comes from, for messages and prediction files."""
         raise NotImplementedError
 
+    def read_bytes(self, i: int) -> bytes | None:
+        """Row ``i``'s encoded file as stored (for decoding elsewhere), or None where there is none (decoded pixels)."""
+        return None
+
     def subset(self, rows: Sequence[int]) -> ImageTable:
         """Return a table holding only ``rows``, in that order."""
         raise NotImplementedError
@@ -90,6 +94,10 @@ class FileTable(ImageTable):
 
     def open(self, i: int) -> Image.Image:
         return Image.open(self.paths[i])
+
+    def read_bytes(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
 
     def describe(self, i: int) -> str:
         return self.paths[i]
@@ -117,8 +125,14 @@ class HFTable(ImageTable):
         self.rows = list(range(len(self.labels))) if rows is None else list(rows)
 
     def open(self, i: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.read_bytes(i)))
+
+    def read_bytes(self, i: int) -> bytes:
         cell = self.dataset[int(i)][self.image_column]
-        return Image.open(io.BytesIO(cell["bytes"])) if cell.get("bytes") else Image.open(cell["path"])
+        if cell.get("bytes"):
+            return cell["bytes"]
+        with open(cell["path"], "rb") as f:
+            return f.read()
 
     def describe(self, i: int) -> str:
         return f"{self.name}[{self.rows[i]}]"
@@ -135,6 +149,14 @@ class BadImageError(ValueError):
     """An image that cannot be read, with where it is and what to do."""
 
 
+def bad_image_error(where: str, reason: str) -> BadImageError:
+    """The error for an unreadable image when ``on_bad_image`` is ``error``."""
+    return BadImageError(
+        f"cannot read image {where} ({reason}). Replace or delete the file, or set --data.on_bad_image skip to leave "
+        "such files out and list them at the end of each epoch."
+    )
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Torch dataset over an `ImageTable`: each item is ``{"pixel_values": uint8 CHW, "labels": int, "index": int}``.
 
@@ -144,14 +166,23 @@ class ImageDataset(torch.utils.data.Dataset):
     A key may be a row index or ``(row, seed)`` as `SeededShuffleSampler` yields it: the random augmentation of
     that item then depends on the seed alone, not on which process or worker draws it, so a resumed run sees
     exactly the crops and flips an uninterrupted one would have seen.
+
+    With ``encoded=True`` (decoding on the model's device), a plain JPEG (RGB or grayscale) is handed over as its
+    file's bytes, ``{"encoded": uint8 1-D, ...}``, to be decoded, resized and cropped in batches by
+    `device_decode.decode_batch`; anything else is decoded here.
     """
 
     def __init__(
-        self, table: ImageTable, transform: Callable[[Image.Image | torch.Tensor], torch.Tensor], on_bad_image: str = "skip"
+        self,
+        table: ImageTable,
+        transform: Callable[[Image.Image | torch.Tensor], torch.Tensor],
+        on_bad_image: str = "skip",
+        encoded: bool = False,
     ) -> None:
         self.table = table
         self.transform = transform
         self.on_bad_image = on_bad_image
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.table)
@@ -160,6 +191,11 @@ class ImageDataset(torch.utils.data.Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
             with self.table.read(i) as image:
+                if self.encoded and isinstance(image, Image.Image) and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                    encoded = self.table.read_bytes(i)
+                    if encoded is not None:
+                        data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+                        return {"encoded": data, "source": self.table.describe(i), "labels": self.table.labels[i], "index": i}
                 if seed is None:
                     pixels = self.transform(image)
                 else:
@@ -168,17 +204,26 @@ class ImageDataset(torch.utils.data.Dataset):
         except BAD_IMAGE_ERRORS as err:
             reason = f"{type(err).__name__}: {err}"
             if self.on_bad_image == "error":
-                raise BadImageError(
-                    f"cannot read image {self.table.describe(i)} ({reason}). Replace or delete the file, or set "
-                    "--data.on_bad_image skip to leave such files out and list them at the end of each epoch."
-                ) from err
+                raise bad_image_error(self.table.describe(i), reason) from err
             return {"skipped": self.table.describe(i), "reason": reason}
         return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
 
 
 def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`default_collate` over the readable items; the unreadable ones travel as ``batch["skipped"]``."""
+    """`default_collate` over the readable items; the unreadable ones travel as ``batch["skipped"]``. Encoded
+    JPEGs (`ImageDataset` with ``encoded=True``) travel as a list, ``batch["encoded"]``, with their places in the
+    batch, ``batch["encoded_at"]``; the others' pixels are stacked as ``pixel_values``."""
     good = [item for item in items if "skipped" not in item]
-    batch: dict[str, Any] = torch.utils.data.default_collate(good) if good else {}
+    batch: dict[str, Any] = {}
+    if good:
+        encoded_at = [n for n, item in enumerate(good) if "encoded" in item]
+        batch = torch.utils.data.default_collate([{"labels": item["labels"], "index": item["index"]} for item in good])
+        decoded = [item["pixel_values"] for item in good if "pixel_values" in item]
+        if decoded:
+            batch["pixel_values"] = torch.utils.data.default_collate(decoded)  # in workers: into shared memory
+        if encoded_at:
+            batch["encoded"] = [good[n]["encoded"] for n in encoded_at]
+            batch["encoded_at"] = encoded_at
+            batch["encoded_sources"] = [good[n]["source"] for n in encoded_at]
     batch["skipped"] = [(item["skipped"], item["reason"]) for item in items if "skipped" in item]
     return batch

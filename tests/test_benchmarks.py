@@ -1,0 +1,27 @@
+"""The prepared GPU benchmark runs end to end on a CPU with tiny sizes, so it never fails on the device for a typo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
+    env = {
+        **os.environ, "DRY": "1", "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work"), "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    out = tmp_path / "out"
+    runs = {r["name"] for r in json.loads((out / "gpu_result.json").read_text())}
+    assert runs == {"guide-workers0", "lit_lora", "lit_lora-cached", "lit_lora-validate", "lit_lora-predict"}
+    step = json.loads((out / "step.json").read_text())
+    assert step["bare_step_images_per_sec"] > 0 and step["bare_inference_images_per_sec"] > 0 and step["loader_epoch2_images_per_sec"] > 0
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU benchmark on dry run on the CPU") and "of the bare step" in summary and "faster than the guide" in summary
