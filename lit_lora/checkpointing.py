@@ -97,6 +97,8 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        # A resumed run's existing adapter folders belong to its existing checkpoints: rewrite them only with new ones.
+        self._written = {"adapter": self._mtime(self.best_model_path), "adapter-last": self._mtime(self.last_model_path)}
         if self.stop_on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.getsignal(signal.SIGINT)
 

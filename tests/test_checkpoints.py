@@ -47,6 +47,12 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert straight.trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == resumed.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
     assert straight.trainer.checkpoint_callback.best_model_score == resumed.trainer.checkpoint_callback.best_model_score
     assert Path(resumed.trainer.checkpoint_callback.dirpath) == last.parent  # the run folder carries on
+    # adapter/ still holds the best checkpoint's weights, whichever run wrote that checkpoint.
+    from lit_lora.export import load_module
+
+    best = load_module(resumed.trainer.checkpoint_callback.best_model_path).trainable_state_dict()
+    folder = load_module(last.parent / "adapter").trainable_state_dict()
+    assert all(torch.equal(best[key], folder[key]) for key in best)
 
 
 def test_checkpoint_holds_trainable_weights_only_and_stays_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
