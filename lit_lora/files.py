@@ -31,6 +31,9 @@ def write_folder(target: str | os.PathLike, build: Callable[[Path], None], repla
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
     try:
         build(staging)
+        for path in staging.iterdir():  # some writers (safetensors) create private files; keep the umask's modes
+            if path.is_file():
+                path.chmod(0o666 & ~umask)
         if target.exists() and replace:
             old = target.with_name(f".{target.name}-old-{os.getpid()}")
             target.rename(old)
