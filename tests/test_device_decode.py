@@ -36,7 +36,7 @@ def odd_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def predict_batches(folder: Path, tiny_vit: str, **options) -> tuple[torch.Tensor, torch.Tensor, list]:
     module = Food101DataModule(predict_dir=str(folder), class_names=["a", "b"], image_processor=tiny_vit, num_workers=0, batch_size=4, **options)
     module.setup("predict")
-    pixels, index, skipped = [], [], []
+    pixels, index = [], []
     for batch in module.predict_dataloader():
         batch = module.on_after_batch_transfer(module.on_before_batch_transfer(batch, 0), 0)
         if "pixel_values" in batch:

@@ -44,7 +44,7 @@ def test_fit_then_validate_and_test_write_reports(tmp_path: Path, monkeypatch: p
     matrix = Image.open(report / "confusion_matrix.png")
     assert matrix.format == "PNG" and min(matrix.size) >= 400
 
-    tested = cli_main(["test", *args, f"--ckpt_path={run / 'last.ckpt'}"])
+    cli_main(["test", *args, f"--ckpt_path={run / 'last.ckpt'}"])
     test_rows = list(csv.DictReader((run / "test_report" / "per_class.csv").open()))
     assert sum(int(r["support"]) for r in test_rows) == 16
     predicted = cli_main(["predict", *args, f"--ckpt_path={run / 'adapter'}", f"--data.predict_dir={food101_dir}"])
