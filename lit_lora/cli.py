@@ -236,7 +236,7 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
     if argv[:1] == ["export"]:
         from jsonargparse import CLI
 
-        return CLI(export, args=argv[1:], as_positional=False, prog="python -m lit_lora export")
+        return CLI(export, args=argv[1:], as_positional=False, prog="python -m lit_lora export", parser_class=ShortErrorParser)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
         return LitLoRACLI(

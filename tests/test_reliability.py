@@ -164,6 +164,8 @@ def test_misspelled_option_says_what_it_may_have_meant(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("python -m lit_lora") and "unrecognized arguments: --data.batchsize" in lines[0]
     assert "Did you mean --data.batch_size" in lines[0] and len(lines) <= 2  # no page of usage text
+    export = run_cli(["export", "--ckpt_path", "x", "--outputdir", "y"], tmp_path)
+    assert export.returncode == 2 and "Did you mean --output_dir?" in export.stderr and len(export.stderr.strip().splitlines()) <= 2
 
 
 def test_missing_relative_model_folder_fails_at_once_even_online(tmp_path: Path) -> None:
