@@ -125,7 +125,8 @@ class HFTable(ImageTable):
         self.rows = list(range(len(self.labels))) if rows is None else list(rows)
 
     def open(self, i: int) -> Image.Image:
-        return Image.open(io.BytesIO(self.read_bytes(i)))
+        cell = self.dataset[int(i)][self.image_column]
+        return Image.open(io.BytesIO(cell["bytes"])) if cell.get("bytes") else Image.open(cell["path"])
 
     def read_bytes(self, i: int) -> bytes:
         cell = self.dataset[int(i)][self.image_column]

@@ -73,6 +73,17 @@ def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) 
     assert module.class_names == names
     module.setup("test")
     assert len(module.test_table) == 4
+    assert module.test_table.describe(1) == f"{tmp_path / 'ds'}:validation[1]" and module.test_table.read_bytes(1) == paths[21].read_bytes()
+    # Decoding on the device (the CPU here) reads the rows' bytes and gives the exact path's pixels.
+    on_device = Food101DataModule(dataset=str(tmp_path / "ds"), train_split="train", num_workers=0, decode_on_device=True, fast_decode=False)
+    on_device.setup("test")
+    raw = next(iter(on_device.test_dataloader()))
+    assert len(raw["encoded"]) == 4 and "pixel_values" not in raw  # workers only read the rows' JPEG bytes
+    batch = on_device.on_before_batch_transfer(raw, 0)
+    exact_module = Food101DataModule(dataset=str(tmp_path / "ds"), train_split="train", num_workers=0, fast_decode=False)
+    exact_module.setup("test")
+    exact = next(iter(exact_module.test_dataloader()))
+    assert "encoded" not in batch and torch.equal(batch["pixel_values"], exact["pixel_values"])
 
 
 def test_slicing_follows_datasets_grammar() -> None:
