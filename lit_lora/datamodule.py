@@ -61,9 +61,9 @@ def _lower_priority(worker_id: int) -> None:
 class ResumableDataLoader(DataLoader):
     """The training `DataLoader`, resumable in Lightning's sense: Lightning saves its `state_dict` in checkpoints and
     hands it back to `load_state_dict` before iterating when ``fit`` resumes. The state is the data module's progress
-    through the epoch (`Food101DataModule.state_dict`), which the data module also restores itself."""
+    through the epoch (`ImageClassificationDataModule.state_dict`), which the data module also restores itself."""
 
-    datamodule: Food101DataModule | None = None
+    datamodule: ImageClassificationDataModule | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.datamodule.state_dict() if self.datamodule is not None else {}
@@ -76,19 +76,19 @@ class ResumableDataLoader(DataLoader):
             self.datamodule.start_at_resume_point(self.sampler)
 
 
-class Food101DataModule(pl.LightningDataModule):
-    """Food-101 the way the PEFT LoRA guide uses it, from the hub or from local files.
+class ImageClassificationDataModule(pl.LightningDataModule):
+    """Labelled images for Lightning: a hub dataset, a `datasets` folder, Food-101's archive layout or class folders.
 
     Training images come from ``train_split``; a seeded, stratified ``val_size`` share of them is held out for
     validation, unless ``val_split`` names images to validate on. The test split is the source's official one
-    (Food-101's ``test.txt``, the hub's ``validation``).
+    (Food-101's ``test.txt``, the hub's ``validation``). `Food101DataModule` is this with the PEFT guide's defaults.
     """
 
     def __init__(
         self,
-        dataset: str | None = "ethz/food101",
+        dataset: str | None = None,
         data_dir: str | None = None,
-        train_split: str = "train[:5000]",
+        train_split: str = "train",
         test_split: str | None = None,
         val_size: float = 0.1,
         val_split: str | None = None,
@@ -193,7 +193,7 @@ class Food101DataModule(pl.LightningDataModule):
     def _check(self) -> None:
         problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
         if problems:
-            raise ValueError("Food101DataModule: " + "; ".join(problems) + ".")
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
 
     @property
     def source(self) -> ImageSource | None:
@@ -408,3 +408,22 @@ class Food101DataModule(pl.LightningDataModule):
             epoch, batches = self._resume_at
             sampler.epoch, sampler.skip = epoch, batches * self.batch_size
             self._resume_at = None
+
+
+class Food101DataModule(ImageClassificationDataModule):
+    """Food-101 the way the PEFT LoRA guide uses it: the hub's ``ethz/food101`` (or a local copy through
+    ``data_dir``), its first 5,000 training images with 10 % held out for validation, batches of 128. Every other
+    argument is `ImageClassificationDataModule`'s."""
+
+    def __init__(
+        self, dataset: str | None = "ethz/food101", data_dir: str | None = None, train_split: str = "train[:5000]", **kwargs: Any
+    ) -> None:
+        """Where Food-101 is.
+
+        Args:
+            dataset: the hub dataset (or any `datasets` path); ignored when ``data_dir`` is set.
+            data_dir: a local Food-101 folder (the unpacked archive: ``images/``, ``meta/``) or class folders.
+            train_split: the training images, in `datasets` slicing syntax; the guide's first 5,000 by default.
+            **kwargs: any other `ImageClassificationDataModule` argument (``val_size``, ``batch_size``, ...).
+        """
+        super().__init__(dataset=dataset, data_dir=data_dir, train_split=train_split, **kwargs)

@@ -259,3 +259,14 @@ def test_cached_images_load_in_the_training_process_when_training_on_the_cpu(tmp
     uncached.setup("fit")
     uncached.trainer = cpu
     assert uncached.train_dataloader().num_workers == uncached.num_workers  # JPEGs: workers
+
+
+def test_food101_data_module_is_the_general_one_with_the_guides_defaults(class_folders_dir: str) -> None:
+    from lit_lora import ImageClassificationDataModule
+
+    general = ImageClassificationDataModule(data_dir=class_folders_dir, num_workers=0)
+    assert general.dataset is None and general.train_split == "train" and general.class_names == sorted(CLASSES)
+    food = Food101DataModule(data_dir=class_folders_dir, num_workers=0, batch_size=16)
+    assert isinstance(food, ImageClassificationDataModule)
+    assert food.dataset == "ethz/food101" and food.train_split == "train[:5000]" and food.batch_size == 16
+    assert food.hparams.batch_size == 16 and food.hparams.train_split == "train[:5000]"  # saved with checkpoints
