@@ -77,15 +77,6 @@ def _build_merged(module: LoRAImageClassifier, staging: Path) -> None:
     export_processor(module.image_settings).save_pretrained(staging)
 
 
-def save_merged_model(module: LoRAImageClassifier, folder: str | os.PathLike) -> Path:
-    """Write a standalone transformers model with the adapters merged in (no peft needed to load it).
-
-    Returns:
-        The folder.
-    """
-    return write_folder(folder, lambda staging: _build_merged(module, staging))
-
-
 def adapter_folder_settings(folder: str | os.PathLike) -> dict:
     """The `LoRAImageClassifier` arguments that rebuild the model an adapter folder was saved from."""
     folder = Path(folder)

@@ -2,9 +2,9 @@
 
 `settings_from_processor` reads what a model expects (crop size, the shorter side to resize to before the centre
 crop, interpolation, mean and std) from its image processor, as timm's ``resolve_data_config`` does with
-``crop_pct``: ViT and Swin (``size`` 224, no crop) get the guide's resize-224-then-crop-224; DeiT and BEiT
-(``size`` 256, ``crop_size`` 224), DINOv2 (``shortest_edge`` 256, crop 224) and ConvNeXt (``shortest_edge`` 224,
-``crop_pct`` 0.875) resize the shorter side to 256 and crop 224. Training crops are ``RandomResizedCrop`` at the
+``crop_pct``: ViT and Swin (``size`` 224, no crop; BEiT's transformers 5 defaults too) get the guide's
+resize-224-then-crop-224; DeiT (``size`` 256, ``crop_size`` 224), DINOv2 (``shortest_edge`` 256, crop 224) and
+ConvNeXt (``shortest_edge`` 224, ``crop_pct`` 0.875) resize the shorter side to 256 and crop 224. Training crops are ``RandomResizedCrop`` at the
 crop size.
 
 Evaluation is exactly what `transformers`' ``BitImageProcessor`` (torchvision backend, the default) does with
@@ -79,7 +79,7 @@ def settings_from_processor(processor: Any) -> ImageSettings:
     """Resolve crop, resize side, interpolation, mean and std from a transformers image processor.
 
     - ``do_center_crop`` with ``crop_size``: crop that; resize the shorter side to ``size`` (``shortest_edge``, or
-      the smaller of ``height``/``width``): DeiT, BEiT, DINOv2.
+      the smaller of ``height``/``width``): DeiT, DINOv2, BEiT processors that crop.
     - ``shortest_edge`` with ``crop_pct`` (ConvNeXt): below 384 px, resize to ``shortest_edge / crop_pct`` and crop
       ``shortest_edge``; from 384 px on, the processor warps to a square: resize and crop at ``shortest_edge``.
     - square ``size`` without a crop (ViT, Swin): the guide's resize-then-centre-crop at that size.
@@ -235,9 +235,10 @@ def _crop_first(image: Picture) -> bool:
     return image.format == "JPEG" and exif_orientation(image) == 1
 
 
-def _crop_resize(image: Picture, box: tuple[float, float, float, float], out_hw: tuple[int, int], settings: ImageSettings) -> torch.Tensor:
-    """Crop ``box`` (in the image's full-size coordinates) and resize it to ``out_hw`` (uint8 CHW), decoding as
+def _crop_resize(image: Picture, box: tuple[float, float, float, float], settings: ImageSettings) -> torch.Tensor:
+    """Crop ``box`` (in the image's full-size coordinates) and resize it to the crop size (uint8 CHW), decoding as
     little as possible."""
+    out_hw = settings.crop
     if isinstance(image, torch.Tensor):
         if all(float(v).is_integer() for v in box):
             # Decoded pixels: crop as a view, resize with torch's antialiased kernel (PIL's filter within a level).
@@ -284,7 +285,7 @@ class FastTrainCrop:
             return self.fallback(image)
         width, height = _width_height(image)
         top, left, h, w = v2.RandomResizedCrop.get_params(torch.empty(0, height, width), self.scale, self.ratio)
-        cropped = _crop_resize(image, (left, top, left + w, top + h), self.settings.crop, self.settings)
+        cropped = _crop_resize(image, (left, top, left + w, top + h), self.settings)
         return cropped.flip(-1) if torch.rand(1).item() < 0.5 else cropped
 
 
@@ -306,7 +307,7 @@ class FastEvalCrop:
         sx, sy = w / resized_w, h / resized_h
         out_h, out_w = self.settings.crop
         box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-        return _crop_resize(image, box, self.settings.crop, self.settings)
+        return _crop_resize(image, box, self.settings)
 
 
 def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Picture], torch.Tensor]:
