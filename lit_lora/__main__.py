@@ -21,9 +21,14 @@ def main() -> NoReturn:
     """``python -m lit_lora``: run the CLI; our own errors end in one ``lit_lora: error: ...`` line."""
     try:
         cli_main()
-    except SIGTERMException:
-        sys.exit(128 + signal.SIGTERM)  # stopped by SIGTERM (after saving last.ckpt during fit), as shells report it
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except SIGTERMException as err:
+        # Stopped by SIGTERM or a first Ctrl-C (after saving last.ckpt during fit): the exit code shells report.
+        sys.exit(128 + (signal.SIGINT if getattr(err, "lit_lora_signal", None) == "SIGINT" else signal.SIGTERM))
+    except SystemExit as err:
+        if isinstance(err.__context__, KeyboardInterrupt):  # Lightning's exit after a second Ctrl-C
+            sys.exit(128 + signal.SIGINT)
+        raise
+    except (ValueError, FileNotFoundError, FloatingPointError, PermissionError) as err:
         # Our errors say what was wrong, where, and what to do; a traceback would bury that.
         if os.environ.get("LIT_LORA_TRACEBACK"):
             raise

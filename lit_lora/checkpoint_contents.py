@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import pickle
+import zipfile
+
 import torch
 
 # Hyperparameters that fix the shape of the trainable weights: a checkpoint only loads where they agree.
@@ -58,9 +61,61 @@ def gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gradients_to_save(module: torch.nn.Module) -> dict[str, Any]:
+    """The accumulated gradients of every process, for a checkpoint (a collective: every process calls it).
+
+    Under DDP the processes accumulate different gradients between optimizer steps (no all-reduce until the step),
+    so each process's own are saved, in rank order."""
+    own = {name: grad.cpu() for name, grad in gradients(module).items()}
+    rank, world = _distributed()
+    if world == 1:
+        return {"per_rank": [own]}
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, own)
+    return {"per_rank": gathered}
+
+
+def saved_gradients_for_this_process(saved: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """This process's share of what `gradients_to_save` wrote (or an older single-process checkpoint's gradients).
+
+    Raises:
+        ValueError: the checkpoint was saved inside an accumulation window by another number of processes.
+    """
+    if "per_rank" not in saved:
+        return dict(saved)
+    rank, world = _distributed()
+    per_rank = saved["per_rank"]
+    if len(per_rank) != world:
+        raise ValueError(
+            f"this checkpoint was saved inside a gradient-accumulation window by {len(per_rank)} process(es), and this "
+            f"run has {world}: the partial gradients cannot be split differently. Resume with "
+            f"{len(per_rank)} process(es), or from a checkpoint written at the end of an epoch (epoch=*.ckpt)."
+        )
+    return dict(per_rank[rank])
+
+
 def restore_gradients(module: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
     """Put saved gradients back, so the interrupted accumulation window continues where it stopped."""
     parameters = dict(module.named_parameters())
     for name, grad in saved.items():
         parameter = parameters[name]
         parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def check_readable_checkpoint(ckpt_path: str) -> None:
+    """Fail in one line when ``ckpt_path`` is not a readable Lightning checkpoint (truncated, foreign)."""
+    try:
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "It may be truncated (a copy still in progress?) or not a Lightning .ckpt; use last.ckpt or the "
+            "best epoch=*.ckpt of a run, or an adapter folder."
+        ) from err

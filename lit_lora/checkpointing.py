@@ -14,6 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_lora.files import output_folder_problems, remove_stale_temporaries, OutputError
+from lit_lora.runs import RunLock, use_atomic_checkpoints
+
 
 class AdapterCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` that writes into the run's own folder (``checkpoints/<name>/version_N/``).
@@ -81,14 +84,29 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage
+        use_atomic_checkpoints(trainer)
         if self.dirpath is None and trainer.loggers and trainer.log_dir:
             self.dirpath = str(Path(trainer.log_dir).resolve())  # absolute: a resumed run compares paths
+        if stage == "fit" and self.dirpath and trainer.is_global_zero:
+            problems = output_folder_problems([("checkpoint.dirpath", self.dirpath)], need_bytes=_bytes_per_checkpoint(pl_module))
+            if problems:
+                raise OutputError("; ".join(problems) + ".")
+            self._lock = RunLock(self.dirpath)
+            self._lock.acquire()  # one fit per folder: a second one is refused here, before any compute
+            remove_stale_temporaries(self.dirpath)  # what killed writes of an earlier run left
         with warnings.catch_warnings():
             # The run folder already holds config.yaml and hparams.yaml, and a resumed run its own checkpoints:
             # only somebody else's old checkpoints deserve a warning.
             if self.dirpath and (trainer.ckpt_path or not any(Path(self.dirpath).glob("*.ckpt"))):
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Only a resumed fit carries on the best-model bookkeeping; validate/test/predict write no checkpoint.
@@ -99,11 +117,13 @@ class AdapterCheckpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         # A resumed run's existing adapter folders belong to its existing checkpoints: rewrite them only with new ones.
         self._written = {"adapter": self._mtime(self.best_model_path), "adapter-last": self._mtime(self.last_model_path)}
+        self._interrupted_by = None
         if self.stop_on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.getsignal(signal.SIGINT)
 
             def stop_after_this_batch(signum: int, frame: Any) -> None:
-                rank_zero_info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once)")
+                rank_zero_info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
+                self._interrupted_by = "SIGINT"
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 # Lightning's SIGTERM handling (installed during fit) stops after the current batch.
                 signal.raise_signal(signal.SIGTERM)
@@ -112,6 +132,7 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint()
+        self._write_missing_adapter_folders(trainer)
 
     def _restore_sigint(self) -> None:
         if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
@@ -156,16 +177,73 @@ class AdapterCheckpoint(ModelCheckpoint):
                 save_adapter_folder(trainer.lightning_module, Path(path).parent / name)
                 self._written[name] = mtime
 
+    def _write_missing_adapter_folders(self, trainer: pl.Trainer) -> None:
+        """Adapter folders that a killed run never finished (or a resume with nothing left to train never wrote),
+        made from their checkpoints."""
+        if not trainer.is_global_zero or not hasattr(trainer.lightning_module, "model"):
+            return
+        from lit_lora.export import is_adapter_folder, save_adapter_folder_from_checkpoint
+
+        for path, name in ((self.best_model_path, "adapter"), (self.last_model_path, "adapter-last")):
+            folder = Path(path).parent / name if path else None
+            if folder is not None and Path(path).is_file() and not is_adapter_folder(folder):
+                save_adapter_folder_from_checkpoint(trainer.lightning_module, path, folder)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        state = super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking:
+            restart_validation_on_resume(checkpoint)
+        return state
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """On Ctrl-C or SIGTERM (a preempted machine) during fit, save ``last.ckpt`` to resume from."""
+        """On SIGTERM (a preempted machine) or a first Ctrl-C during fit, save ``last.ckpt`` to resume from, at the
+        batch boundary where Lightning stopped. A second Ctrl-C stops at once and saves nothing."""
         super().on_exception(trainer, pl_module, exception)  # Lightning's own save_on_exception, if turned on
         self._restore_sigint()
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit" or not self.dirpath:
+        if trainer.state.fn != "fit" or not self.dirpath:
             return
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        if isinstance(exception, KeyboardInterrupt):
+            kept = f"{path} (step {_saved_step(path)}) is the latest checkpoint" if os.path.isfile(path) else "no checkpoint was written"
+            rank_zero_info(f"\n[lit_lora] stopped at once (second Ctrl-C): nothing saved; {kept}.")
+            return
+        if not isinstance(exception, SIGTERMException):
+            return
         self.last_model_path = path
-        trainer.save_checkpoint(path, weights_only=False)  # Lightning writes to a temporary file and renames it: never half-written
+        trainer.save_checkpoint(path, weights_only=False)  # a temporary in the run folder, renamed: never half-written
+        exception.lit_lora_signal = self._interrupted_by or "SIGTERM"  # type: ignore[attr-defined]  # for the exit code
         rank_zero_info(
             f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
         )
+
+
+def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written while validation was interrupted resume by validating that epoch again from its
+    first batch. As saved, its validation progress says "some batches done, none in flight", which Lightning
+    reads as "validation finished" and skips, so "best" and ``adapter/`` would come from a different epoch than an
+    uninterrupted run's. Rewound to "first batch started, not processed", Lightning runs the whole validation again
+    (its own restart-mid-evaluation path). ``loops`` is the checkpoint's documented loop state."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+    if not progress:
+        return
+    before = {key: progress["total"][key] - progress["current"][key] for key in ("ready", "started", "processed", "completed")}
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["total"] = {key: before[key] + progress["current"][key] for key in progress["current"]}
+    progress["is_last_batch"] = False
+
+
+def _saved_step(path: str) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", "?")
+    except Exception:  # only for a message
+        return "?"
+
+
+def _bytes_per_checkpoint(pl_module: pl.LightningModule) -> int:
+    """About what one checkpoint and its adapter folder take: trainable weights, two AdamW moments, an unfinished
+    accumulation window's gradients and the adapter's copy, plus some slack."""
+    trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+    return 5 * trainable + 1_000_000

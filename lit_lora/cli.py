@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import pickle
+import re
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,9 +18,12 @@ from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.console import quiet_other_libraries
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule, settings_problems
+from lit_lora.checkpoint_contents import check_readable_checkpoint
+from lit_lora.files import output_folder_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.model import LoRAImageClassifier
 from lit_lora.predictions import PredictionWriter
+from lit_lora.runs import ResumedLogs, claim_version
 from lit_lora.schedules import scheduler_problems
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -84,14 +86,24 @@ class LitLoRACLI(LightningCLI):
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
-        choose_precision(config.trainer)
-        if subcommand != "fit" and ckpt_path:
-            write_beside_checkpoint(config, Path(ckpt_path))
+        choose_precision(subcommand, config.trainer)
+        folder = evaluation_folder(subcommand, config)
+        if folder is not None:  # validate/test/predict of a run's checkpoint: their own subfolder of that run
+            config.trainer.logger = False
+            config.trainer.default_root_dir = str(folder)
         self.adapter_folder = ckpt_path if ckpt_path and is_adapter_folder(ckpt_path) else None
+        self.resumed_logs = None
         if self.adapter_folder:
             # Rebuild the model the folder was saved from; its weights are loaded after instantiation.
             settings = adapter_folder_settings(self.adapter_folder)
             class_names = settings.pop("class_names")
+            given = config.data.get("class_names")
+            if given and list(given) != list(class_names):
+                raise ValueError(
+                    f"data.class_names {list(given)[:5]}... differ from the labels adapter folder {self.adapter_folder} "
+                    f"was trained with ({class_names[:5]}..., in this order); its labels.json is authoritative: drop "
+                    "--data.class_names, or use an adapter trained with these labels."
+                )
             for key, value in settings.items():
                 config.model[key] = value
             config.data.image_processor = settings["model_name_or_path"]  # the link ran before this change
@@ -100,7 +112,9 @@ class LitLoRACLI(LightningCLI):
             # LightningCLI has already copied a checkpoint's hyperparameters (its labels too) into config.model.
             class_names = config.model.get("class_names")
             if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
-                continue_in_run_folder(config, Path(ckpt_path))
+                self.resumed_logs = continue_in_run_folder(config, Path(ckpt_path))
+        if subcommand == "fit" and not ckpt_path:
+            claim_run_folder(config.trainer)
         # predict needs no labelled data: take the labels from the checkpoint. validate/test compare them with the
         # data's (a different label set is refused, naming both) instead of loading weights of the wrong shape.
         if class_names and not config.data.get("class_names") and (subcommand == "predict" or self.adapter_folder):
@@ -112,6 +126,8 @@ class LitLoRACLI(LightningCLI):
         super().instantiate_classes()
         if getattr(self, "adapter_folder", None):
             load_adapter_weights(self.model, self.adapter_folder)
+        if getattr(self, "resumed_logs", None) is not None:
+            self.resumed_logs.restore(self.trainer)
         add_tensorboard_beside_csv(self.trainer)
 
 
@@ -163,48 +179,159 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     if float(model.get("learning_rate", 1.0)) < 0 and subcommand == "fit":
         problems.append(f"model.learning_rate must not be negative, got {model.get('learning_rate')}")
     problems += scheduler_problems(model.get("lr_scheduler_type", "linear"), model.get("lr_scheduler_kwargs"), prefix="model.")
+    problems += lora_problems(model)
+    problems += device_problems(config.trainer)
+    problems += output_folder_problems(output_folders(subcommand, config))
+    hub = hub_problem(name)
+    if hub:
+        problems.append(hub)
     return problems
 
 
-def check_readable_checkpoint(ckpt_path: str) -> None:
-    """Fail in one line when ``ckpt_path`` is not a readable Lightning checkpoint (truncated, foreign)."""
-    try:
-        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
-        raise ValueError(
-            f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-            "It may be truncated (a copy still in progress?) or not a Lightning .ckpt; use last.ckpt or the "
-            "best epoch=*.ckpt of a run, or an adapter folder."
-        ) from err
+def lora_problems(model: Any) -> list[str]:
+    """LoRA settings PEFT would refuse later (after the data scan), named by their options."""
+    problems = []
+    if int(model.get("r", 16)) < 1:
+        problems.append(f"model.r must be a positive LoRA rank (the recipe's is 16), got {model.get('r')}")
+    if float(model.get("lora_alpha", 16)) <= 0:
+        problems.append(f"model.lora_alpha must be positive, got {model.get('lora_alpha')}")
+    if not 0.0 <= float(model.get("lora_dropout", 0.0)) < 1.0:
+        problems.append(f"model.lora_dropout must be in [0, 1), got {model.get('lora_dropout')}")
+    return problems
 
 
-def choose_precision(trainer: Any) -> None:
-    """Without a GPU, ``16-mixed`` (the recipe's) would become bf16-mixed, slower than fp32 on most CPUs: use 32-true."""
+PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
+
+
+def device_problems(trainer: Any) -> list[str]:
+    """Precision and accelerator settings this machine cannot run, named by their options."""
+    problems = []
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        problems.append(f"trainer.precision {precision!r} is not one of {', '.join(PRECISIONS[:10])}")
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(f"trainer.accelerator {accelerator!r} asks for a GPU, and this machine has none that torch can use; use --trainer.accelerator cpu (or auto)")
+    elif accelerator == "mps" and not torch.backends.mps.is_available():
+        problems.append("trainer.accelerator 'mps' asks for Apple's GPU, which this machine does not have; use --trainer.accelerator cpu (or auto)")
+    devices = trainer.get("devices")
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and isinstance(devices, int) and devices > torch.cuda.device_count():
+        problems.append(f"trainer.devices {devices} asks for more GPUs than the {torch.cuda.device_count()} this machine has")
+    return problems
+
+
+def hub_problem(name: str, timeout: float = 1.0) -> str | None:
+    """For a hub id that is not in the local cache: whether the hub can be reached, found out within ``timeout``
+    seconds (instead of transformers' minute of retries), with what to do when it cannot."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if not name or _looks_local(name) or "://" in name or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None  # cached: transformers loads it without the network
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)  # DNS lookups ignore socket timeouts
+    probe.start()
+    probe.join(timeout)
+    if reached:
+        return None
+    return (
+        f"model.model_name_or_path {name!r} is a Hugging Face Hub id that is not in the local cache, and the hub "
+        f"({host}) cannot be reached from this machine. On a machine with network, save it with "
+        f"AutoModelForImageClassification.from_pretrained({name!r}).save_pretrained('DIR') and "
+        f"AutoImageProcessor.from_pretrained({name!r}).save_pretrained('DIR'), copy DIR here and pass "
+        "--model.model_name_or_path DIR (or set HF_HUB_OFFLINE=1 to use the cache only)"
+    )
+
+
+def choose_precision(subcommand: str, trainer: Any) -> None:
+    """Without a GPU, ``16-mixed`` (the recipe's) would become bf16-mixed, slower than fp32 on most CPUs: use 32-true,
+    and say so where it matters (training; evaluation gives the same numbers either way)."""
     wants_gpu = trainer.get("accelerator") in ("gpu", "cuda")
     if str(trainer.get("precision")) in ("16-mixed", "16") and not torch.cuda.is_available() and not wants_gpu:
         trainer.precision = "32-true"
-        rank_zero_info("[lit_lora] no GPU: training in 32-true precision (the config's 16-mixed needs a GPU)")
+        if subcommand == "fit":
+            rank_zero_info("[lit_lora] no GPU: training in 32-true precision (the config's 16-mixed needs a GPU)")
 
 
-def write_beside_checkpoint(config: Any, ckpt_path: Path) -> None:
-    """validate, test and predict of a checkpoint in a run folder write their report or predictions into that run
-    folder, not into a new logger version (unless another logger or place was configured)."""
-    run = ckpt_path.resolve().parent if ckpt_path.is_file() or ckpt_path.name.startswith("adapter") else None
-    if run is None or not ((run / "hparams.yaml").is_file() or any(run.glob("*.ckpt"))):
-        return
-    logger = config.trainer.get("logger")
+def _is_default_logger(logger: Any) -> bool:
     configured = logger.get("class_path") if hasattr(logger, "get") else None
-    if configured == TRAINER_DEFAULTS["logger"]["class_path"] or logger is None or logger is True:
-        config.trainer.logger = False
-        config.trainer.default_root_dir = str(run)  # the trainer's log_dir without a logger
+    return configured == TRAINER_DEFAULTS["logger"]["class_path"] or logger is None or logger is True
 
 
-def continue_in_run_folder(config: Any, ckpt_path: Path) -> None:
-    """Resume writing checkpoints into the folder the checkpoint lives in, so the best score and the top-k
-    bookkeeping carry on. (Logs of the continuation go to a new logger version: Lightning's CSVLogger would
-    delete the earlier metrics.csv if it reopened the old one.)"""
+def evaluation_folder(subcommand: str, config: Any) -> Path | None:
+    """Where validate, test and predict of a checkpoint (or adapter folder) inside a run folder write: their own
+    subfolder, ``<run>/<subcommand>/`` (config, report, predictions, skipped images), so the fit's files stay as
+    they were. None when the run is not a lit_lora run folder or another logger or place was configured."""
+    ckpt_path = config.get("ckpt_path")
+    if subcommand == "fit" or not ckpt_path or not Path(ckpt_path).exists():
+        return None
+    path = Path(ckpt_path)
+    run = path.resolve().parent if path.is_file() or path.name.startswith("adapter") else None
+    if run is None or not ((run / "hparams.yaml").is_file() or any(run.glob("*.ckpt"))):
+        return None
+    if not _is_default_logger(config.trainer.get("logger")) or config.trainer.get("default_root_dir") != TRAINER_DEFAULTS["default_root_dir"]:
+        return None
+    return run / subcommand
+
+
+def output_folders(subcommand: str, config: Any) -> list[tuple[str, Any]]:
+    """The folders a command will write into, each with the option that sets it."""
+    folder = evaluation_folder(subcommand, config)
+    if folder is not None:
+        return [(f"the {subcommand} output folder (set --trainer.default_root_dir to write elsewhere)", folder)]
+    folders: list[tuple[str, Any]] = [("trainer.default_root_dir", config.trainer.get("default_root_dir"))]
+    logger = config.trainer.get("logger")
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if init_args is not None and init_args.get("save_dir"):
+        folders.append(("trainer.logger.init_args.save_dir", init_args.get("save_dir")))
+    if subcommand == "fit" and config.checkpoint.get("dirpath"):
+        folders.append(("checkpoint.dirpath", config.checkpoint.get("dirpath")))
+    if subcommand == "predict" and config.predictions.get("output_path"):
+        folders.append(("predictions.output_path's folder", Path(config.predictions.get("output_path")).parent))
+    return folders
+
+
+def claim_run_folder(trainer: Any) -> None:
+    """A new fit takes the next ``version_N`` of the default logger atomically (two fits started together never
+    share one), on the launching process only (under DDP the others are told the folder by Lightning)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    logger = trainer.get("logger")
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if rank_zero_only.rank != 0 or init_args is None or not _is_default_logger(logger) or init_args.get("version") is not None:
+        return
+    init_args.version = claim_version(init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name"))
+
+
+def continue_in_run_folder(config: Any, ckpt_path: Path) -> ResumedLogs | None:
+    """Resume in the run folder the checkpoint lives in: checkpoints (the best score and the top-k bookkeeping
+    carry on) and, for a lit_lora run folder (``<save_dir>/<name>/version_N``), the logs, whose metrics before the
+    checkpoint are kept."""
+    run = ckpt_path.resolve().parent
     if config.checkpoint.get("dirpath") is None:
-        config.checkpoint.dirpath = str(ckpt_path.resolve().parent)
+        config.checkpoint.dirpath = str(run)
+    logger = config.trainer.get("logger")
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if init_args is None or not _is_default_logger(logger) or not re.fullmatch(r"version_\d+", run.name) or not (run / "hparams.yaml").is_file():
+        return None
+    init_args.save_dir, init_args.name, init_args.version = str(run.parent.parent), run.parent.name, int(run.name.split("_")[1])
+    return ResumedLogs.read(run, ckpt_path)
 
 
 class ShortErrorParser(LightningArgumentParser):

@@ -16,29 +16,26 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from lit_lora.files import write_folder
+from lit_lora.checkpoint_contents import check_readable_checkpoint
+from lit_lora.files import TMP_MARK, explain_write_error, new_file_mode, temporary_name, write_folder
 from lit_lora.model import LoRAImageClassifier
 from lit_lora.transforms import export_processor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LABELS = "labels.json"
-# Every file an export may write: a folder holding only these is a previous export, which may be replaced.
-EXPORT_FILES = {
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LABELS,
-    "README.md",
-    "preprocessor_config.json",
-    "config.json",
-    "model.safetensors",
-    "generation_config.json",
+# Written last into every adapter folder and merged export: the files that export wrote. A later export into the
+# same folder replaces exactly these and never a file it did not write.
+MANIFEST = "lit_lora_export.json"
+# The files each kind of export writes (PEFT and transformers may add others; the manifest lists what was written).
+EXPECTED_FILES = {
+    "adapter": {ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, "preprocessor_config.json", "README.md", MANIFEST},
+    "merged": {"config.json", "model.safetensors", "preprocessor_config.json", MANIFEST},
 }
 
 
@@ -64,10 +61,16 @@ def save_adapter_folder(module: LoRAImageClassifier, folder: str | os.PathLike) 
     return write_folder(folder, lambda staging: _build_adapter(module, staging))
 
 
+def _write_manifest(staging: Path, kind: str) -> None:
+    files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST) + [MANIFEST]
+    (staging / MANIFEST).write_text(json.dumps({"written_by": "lit_lora", "kind": kind, "files": files}, indent=2) + "\n")
+
+
 def _build_adapter(module: LoRAImageClassifier, staging: Path) -> None:
     module.model.save_pretrained(staging)
     (staging / LABELS).write_text(json.dumps(_labels(module), indent=2) + "\n")
     export_processor(module.image_settings).save_pretrained(staging)
+    _write_manifest(staging, "adapter")
 
 
 def _build_merged(module: LoRAImageClassifier, staging: Path) -> None:
@@ -75,6 +78,20 @@ def _build_merged(module: LoRAImageClassifier, staging: Path) -> None:
     merged.config.architectures = [type(merged).__name__]
     merged.save_pretrained(staging)
     export_processor(module.image_settings).save_pretrained(staging)
+    _write_manifest(staging, "merged")
+
+
+def save_adapter_folder_from_checkpoint(module: LoRAImageClassifier, ckpt_path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Write the adapter folder of the weights saved in ``ckpt_path``, using ``module`` (same layout) as the
+    vehicle; ``module``'s own weights are put back afterwards."""
+    current = {k: v.detach().clone() for k, v in module.trainable_state_dict().items()}
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    with torch.no_grad():
+        module.load_state_dict(saved, strict=False)
+        try:
+            return save_adapter_folder(module, folder)
+        finally:
+            module.load_state_dict(current, strict=False)
 
 
 def adapter_folder_settings(folder: str | os.PathLike) -> dict:
@@ -134,34 +151,67 @@ def load_module(ckpt_path: str | os.PathLike) -> LoRAImageClassifier:
     return module.eval()
 
 
-def export_folder_problem(output_dir: str | os.PathLike, overwrite: bool) -> str | None:
-    """Why ``output_dir`` must not be exported into (it holds files an export does not write), or None."""
+def previous_export_files(folder: Path) -> set[str]:
+    """The files a previous lit_lora export wrote into ``folder`` (its manifest), or none."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {name for name in manifest.get("files", []) if isinstance(name, str) and "/" not in name} if isinstance(manifest, dict) else set()
+
+
+def export_folder_problem(output_dir: str | os.PathLike, overwrite: bool, files: set[str] | None = None) -> str | None:
+    """Why exporting ``files`` into ``output_dir`` could lose a file that lit_lora did not write, or None.
+
+    Allowed: a missing or empty folder, a folder holding a previous export (its manifest lists its files; other
+    files beside it are left alone), and, with ``overwrite``, any folder; never where a file the export writes would
+    replace one that no export wrote.
+    """
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         return f"output_dir {str(output_dir)!r} is a file, not a folder"
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) if folder.is_dir() else []
-    if foreign and not overwrite:
+    if not folder.is_dir():
+        return None
+    ours = previous_export_files(folder)
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours and TMP_MARK not in p.name)
+    clashes = sorted(set(foreign) & (files or set()))
+    if clashes:
+        return (
+            f"output_dir {str(output_dir)!r} holds {', '.join(clashes)}, which the export would replace and lit_lora did "
+            "not write; export into an empty or new folder (or move those files away)"
+        )
+    if foreign and not overwrite and not ours:  # beside a previous export, other files are simply left alone
         return (
             f"output_dir {str(output_dir)!r} is not empty and not a previous export (it holds {', '.join(foreign[:3])}"
-            f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new folder, or pass --overwrite true to write the "
-            "export's files into it (other files are left alone)"
+            f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new folder, or pass --overwrite true to add the "
+            "export's files beside them (none of them is replaced or deleted)"
         )
     return None
 
 
-def _write_into(folder: Path, build) -> Path:
-    """Build the export in a staging folder beside ``folder``, then move each file in (one atomic rename each),
-    removing earlier export files the new one does not have. Files that no export writes are never touched."""
+def _write_into(folder: Path, build, overwrite: bool) -> Path:
+    """Build the export in a staging folder inside ``folder``, check again with the exact file names, then move
+    each file in (one atomic rename each, the manifest last) and remove files of the previous export that the new
+    one does not have. A file that no export wrote is never replaced or deleted."""
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".lit_lora-export-", dir=folder))
+    staging = temporary_name(folder / "export")
+    staging.mkdir()
     try:
         build(staging)
+        mode = new_file_mode(staging)
         written = {p.name for p in staging.iterdir()}
-        for name in sorted(written):
+        problem = export_folder_problem(folder, overwrite, written)
+        if problem:
+            raise ValueError(problem)
+        previous = previous_export_files(folder)
+        for name in sorted(written - {MANIFEST}) + [MANIFEST]:
+            (staging / name).chmod(mode)  # safetensors writes private files; exports get the modes fit's files get
             os.replace(staging / name, folder / name)
-        for stale in EXPORT_FILES - written:
+        for stale in previous - written:
             if (folder / stale).is_file():
                 (folder / stale).unlink()
+    except OSError as err:
+        raise explain_write_error(err, folder, "export folder") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
@@ -177,19 +227,23 @@ def export(ckpt_path: str, output_dir: str, merge: bool = False, overwrite: bool
         merge: write a standalone transformers model with the adapters merged into the weights, which
             ``AutoModelForImageClassification.from_pretrained`` and ``pipeline("image-classification")`` load
             without peft. Otherwise write a PEFT adapter folder.
-        overwrite: write into a folder that holds other files too (they are kept; earlier export files are replaced).
+        overwrite: write into a folder that holds other files too. They are kept: an export never replaces or
+            deletes a file that no lit_lora export wrote (the folder's ``lit_lora_export.json`` lists those).
         push_to_hub: also upload the folder to this Hugging Face Hub repository (needs network and a login).
 
     Returns:
         The folder written.
     """
-    problem = export_folder_problem(output_dir, overwrite)
+    problem = export_folder_problem(output_dir, overwrite, EXPECTED_FILES["merged" if merge else "adapter"])
     if problem:
         raise ValueError(problem)
+    if Path(ckpt_path).is_file():
+        check_readable_checkpoint(ckpt_path)
     module = load_module(ckpt_path)
 
     with torch.no_grad():
-        folder = _write_into(Path(output_dir).expanduser(), lambda staging: (_build_merged if merge else _build_adapter)(module, staging))
+        build = _build_merged if merge else _build_adapter
+        folder = _write_into(Path(output_dir).expanduser(), lambda staging: build(module, staging), overwrite)
     if push_to_hub:
         from huggingface_hub import upload_folder
 

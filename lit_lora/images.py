@@ -7,7 +7,6 @@ import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -23,27 +22,24 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Return ``image`` upright (EXIF orientation applied) in RGB, as every model here expects.
+    """Return ``image`` upright in RGB, exactly as ``pipeline("image-classification")`` and the exported image
+    processor make it: transformers' ``load_image`` (``exif_transpose``, then PIL's ``convert("RGB")``), then the
+    processor's ``convert_to_rgb`` (a colour still marked transparent, as in palette images, is composited onto
+    white). So grayscale, CMYK, palette, 16-bit and RGBA files give the pixels stock tools give (an alpha channel is
+    dropped by ``load_image``, not composited; 16-bit values are PIL's conversion of them).
 
-    Food-101 contains grayscale JPEGs; other folders hold CMYK, palette and 16-bit images. All become 8-bit RGB.
     An image that is already upright RGB is returned itself (not a copy): use it before closing ``image``.
     """
     if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
+    if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
-    if image.mode.startswith("I"):
-        # 16-bit grayscale (PNG opens as "I" or "I;16"): scale to 8 bits instead of clipping at 255.
-        values = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(values / scale, 0, 255).round().astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB")
+    rgb = image.convert("RGB")
+    if rgb.info.get("transparency") is None:
+        return rgb
+    from transformers.image_transforms import convert_to_rgb
+
+    return Image.fromarray(convert_to_rgb(rgb, return_numpy=True))
 
 
 class ImageTable:
@@ -158,6 +154,22 @@ def bad_image_error(where: str, reason: str) -> BadImageError:
     )
 
 
+def raised_by_decoder(err: BaseException) -> bool:
+    """Whether ``err`` says the file is unreadable (the file system or PIL's decoder raised it), as opposed to a bug
+    in a transform, which must not pass for a bad image."""
+    if isinstance(err, (OSError, UnidentifiedImageError, Image.DecompressionBombError)):
+        return True
+    tb, last = err.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    module = last.tb_frame.f_globals.get("__name__", "") if last is not None else ""
+    return module == "PIL" or module.startswith("PIL.")
+
+
+# How many unreadable training images in a row `ImageDataset` passes over before it gives up on the data.
+MAX_UNREADABLE_IN_A_ROW = 100
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Torch dataset over an `ImageTable`: each item is ``{"pixel_values": uint8 CHW, "labels": int, "index": int}``.
 
@@ -167,6 +179,12 @@ class ImageDataset(torch.utils.data.Dataset):
     A key may be a row index or ``(row, seed)`` as `SeededShuffleSampler` yields it: the random augmentation of
     that item then depends on the seed alone, not on which process or worker draws it, so a resumed run sees
     exactly the crops and flips an uninterrupted one would have seen.
+
+    Unreadable files (the file system or the decoder fails; a transform's own error is raised as it is) are listed
+    in the item's ``"unreadable"`` as ``(where, reason)``. With ``on_bad_image="error"`` the first one stops. In
+    evaluation (``replace_unreadable=False``) the item then has no pixels and is left out of its batch, so every
+    readable image is counted once. In training the next readable row takes its place (same augmentation seed), so
+    a batch is never empty and every process runs the same number of steps.
 
     With ``encoded=True`` (decoding on the model's device), a plain JPEG (RGB or grayscale) is handed over as its
     file's bytes, ``{"encoded": uint8 1-D, ...}``, to be decoded, resized and cropped in batches by
@@ -179,42 +197,61 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image | torch.Tensor], torch.Tensor],
         on_bad_image: str = "skip",
         encoded: bool = False,
+        replace_unreadable: bool = False,
     ) -> None:
         self.table = table
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.encoded = encoded
+        self.replace_unreadable = replace_unreadable
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = key if isinstance(key, tuple) else (key, None)
-        try:
-            with self.table.read(i) as image:
-                if self.encoded and isinstance(image, Image.Image) and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    encoded = self.table.read_bytes(i)
-                    if encoded is not None:
-                        data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-                        return {"encoded": data, "source": self.table.describe(i), "labels": self.table.labels[i], "index": i}
-                if seed is None:
+        unreadable: list[tuple[str, str]] = []
+        for attempt in range(MAX_UNREADABLE_IN_A_ROW if self.replace_unreadable else 1):
+            row = (i + attempt) % len(self.table)
+            try:
+                item = self._read(row, seed)
+            except Exception as err:
+                if not raised_by_decoder(err):
+                    raise
+                reason = f"{type(err).__name__}: {err}"
+                if self.on_bad_image == "error":
+                    raise bad_image_error(self.table.describe(row), reason) from err
+                unreadable.append((self.table.describe(row), reason))
+                continue
+            return {**item, "unreadable": unreadable} if unreadable else item
+        if not self.replace_unreadable:
+            return {"unreadable": unreadable}
+        raise ValueError(
+            f"{MAX_UNREADABLE_IN_A_ROW} unreadable images in a row from {self.table.describe(i)} on (the last: "
+            f"{unreadable[-1][0]}: {unreadable[-1][1]}); check that the data folder holds images."
+        )
+
+    def _read(self, i: int, seed: int | None) -> dict[str, Any]:
+        with self.table.read(i) as image:
+            if self.encoded and isinstance(image, Image.Image) and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                encoded = self.table.read_bytes(i)
+                if encoded is not None:
+                    data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+                    return {"encoded": data, "source": self.table.describe(i), "labels": self.table.labels[i], "index": i}
+            if seed is None:
+                pixels = self.transform(image)
+            else:
+                with seeded_cpu_rng(seed):
                     pixels = self.transform(image)
-                else:
-                    with seeded_cpu_rng(seed):
-                        pixels = self.transform(image)
-        except BAD_IMAGE_ERRORS as err:
-            reason = f"{type(err).__name__}: {err}"
-            if self.on_bad_image == "error":
-                raise bad_image_error(self.table.describe(i), reason) from err
-            return {"skipped": self.table.describe(i), "reason": reason}
         return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
 
 
 def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`default_collate` over the readable items; the unreadable ones travel as ``batch["skipped"]``. Encoded
-    JPEGs (`ImageDataset` with ``encoded=True``) travel as a list, ``batch["encoded"]``, with their places in the
-    batch, ``batch["encoded_at"]``; the others' pixels are stacked as ``pixel_values``."""
-    good = [item for item in items if "skipped" not in item]
+    """`default_collate` over the readable items; the unreadable files travel as ``batch["skipped"]`` (a list of
+    ``(where, reason)``). Encoded JPEGs (`ImageDataset` with ``encoded=True``) travel as a list,
+    ``batch["encoded"]``, with their places in the batch, ``batch["encoded_at"]``; the others' pixels are stacked
+    as ``pixel_values``."""
+    good = [item for item in items if "pixel_values" in item or "encoded" in item]
     batch: dict[str, Any] = {}
     if good:
         encoded_at = [n for n, item in enumerate(good) if "encoded" in item]
@@ -226,5 +263,5 @@ def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch["encoded"] = [good[n]["encoded"] for n in encoded_at]
             batch["encoded_at"] = encoded_at
             batch["encoded_sources"] = [good[n]["source"] for n in encoded_at]
-    batch["skipped"] = [(item["skipped"], item["reason"]) for item in items if "skipped" in item]
+    batch["skipped"] = [pair for item in items for pair in item.get("unreadable", [])]
     return batch

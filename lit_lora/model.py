@@ -14,10 +14,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lit_lora import demo
 from lit_lora.checkpoint_contents import (
-    gradients,
+    gradients_to_save,
     layout_problem,
     mid_accumulation,
     restore_gradients,
+    saved_gradients_for_this_process,
     set_torch_rng_states,
     torch_rng_states,
 )
@@ -146,8 +147,11 @@ class LoRAImageClassifier(pl.LightningModule):
         num_classes = len(self.class_names)
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_classes=num_classes, top_k=1),
-                "acc_top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes)),
+                # The guide's accuracy (``evaluate.load("accuracy")``): correct images / images. torchmetrics'
+                # default is the macro average over classes, which is another number.
+                "acc": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
+                "acc_top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro"),
+                "acc_macro": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="macro"),
             },
             # Not shared: with compute groups, top-1 and top-5 accuracy could end up sharing one state.
             compute_groups=False,
@@ -170,9 +174,12 @@ class LoRAImageClassifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         rank_zero_info(f"[lit_lora] {trainable_summary(self.model)}")
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if "pixel_values" not in batch:  # every image of the batch was unreadable and skipped
-            return None
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if "pixel_values" not in batch:
+            raise ValueError(
+                f"training batch {batch_idx} holds no images (keys: {sorted(batch)}); give batches with pixel_values "
+                "(the data module replaces unreadable training images by readable ones, so its batches always have some)."
+            )
         logits = self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"])
         self.train_metrics.update(logits, batch["labels"])
@@ -261,7 +268,7 @@ class LoRAImageClassifier(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
-            checkpoint["accumulated_gradients"] = gradients(self)
+            checkpoint["accumulated_gradients"] = gradients_to_save(self)  # every process's own
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``
@@ -275,7 +282,8 @@ class LoRAImageClassifier(pl.LightningModule):
         if self._fit_is_resuming():
             if "rng_states" in checkpoint:
                 set_torch_rng_states(checkpoint["rng_states"])
-            self._gradients_to_restore = checkpoint.get("accumulated_gradients")
+            saved = checkpoint.get("accumulated_gradients")
+            self._gradients_to_restore = saved_gradients_for_this_process(saved) if saved else None
 
     def _fit_is_resuming(self) -> bool:
         try:

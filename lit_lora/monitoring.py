@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_lora.files import write_text
+
 
 class ThroughputLogger(pl.Callback):
     """Logs training images/s per epoch (``train/images_per_sec``) and says at the end how fast fit and predict ran.
@@ -50,7 +52,8 @@ class ThroughputLogger(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = self._now(pl_module) - self.started
         self.fit_images += self.images
-        pl_module.log("train/images_per_sec", self.images / max(seconds, 1e-9), rank_zero_only=True)
+        if self.images:  # a resumed run's interrupted epoch may have had no batch left to train
+            pl_module.log("train/images_per_sec", self.images / max(seconds, 1e-9), rank_zero_only=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -111,8 +114,7 @@ class SkippedImagesReport(pl.Callback):
         if not trainer.is_global_zero:
             return
         listing = log_dir / "skipped_images.txt"
-        listing.parent.mkdir(parents=True, exist_ok=True)
-        listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items())))
+        write_text(listing, "".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items())))
         shown = "; ".join(f"{path} ({reason})" for path, reason in sorted(new.items())[:5])
         more = f" and {len(new) - 5} more" if len(new) > 5 else ""
         rank_zero_warn(

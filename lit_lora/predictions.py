@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+from lit_lora.files import atomic_write
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -68,8 +69,8 @@ class PredictionWriter(BasePredictionWriter):
         names = pl_module.class_names
         k = min(self.top_k, len(names))
         header = ["path", "label", "score"] + [f"{col}_{i}" for i in range(2, k + 1) for col in ("label", "score")]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as f:
+
+        def write(f: Any) -> None:
             writer = csv.writer(f)
             writer.writerow(header)
             for index in sorted(rows):
@@ -78,5 +79,6 @@ class PredictionWriter(BasePredictionWriter):
                 for score, label in zip(scores.tolist(), ids.tolist()):
                     cells += [names[label], f"{score:.6f}"]
                 writer.writerow(cells)
-        os.replace(tmp, path)
+
+        atomic_write(path, write)
         rank_zero_info(f"[lit_lora] wrote {len(rows)} predictions to {path}")

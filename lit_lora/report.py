@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from lit_lora.files import atomic_write, write_text
+
 
 def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
     """Precision, recall, F1 and support of each class from a confusion matrix (rows: true, columns: predicted)."""
@@ -59,11 +61,6 @@ def cluster_order(confusion: np.ndarray) -> np.ndarray:
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
     """Row-normalised confusion matrix as a PNG, classes ordered so confusions cluster; readable at 101 classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = cluster_order(confusion)
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     rates = rates[np.ix_(order, order)]
@@ -71,7 +68,8 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, ti
     n = len(names)
     side = min(max(6.0, 0.16 * n + 3), 24.0)
     font = max(4.0, min(10.0, 0.5 * side * 72 / max(n, 1)))  # half a row's height, in points
-    fig, ax = plt.subplots(figsize=(side, side), dpi=110)
+    fig = _figure(figsize=(side, side), dpi=110)
+    ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks(range(n), names, rotation=90, fontsize=font)
     ax.set_yticks(range(n), names, fontsize=font)
@@ -85,8 +83,7 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, ti
                     ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=font, color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -94,12 +91,15 @@ def write_report(confusion: np.ndarray, class_names: list[str], folder: Path, st
     """Write ``per_class.csv``, ``report.md``, ``metrics.json`` and ``confusion_matrix.png`` for one evaluation into
     ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text(folder / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     rows = per_class_metrics(confusion, class_names)
-    with (folder / "per_class.csv").open("w", newline="") as f:
+
+    def write_rows(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
         writer.writeheader()
         writer.writerows(rows)
+
+    atomic_write(folder / "per_class.csv", write_rows)
     total = int(confusion.sum())
     lines = [
         f"# {stage} report",
@@ -125,7 +125,7 @@ def write_report(confusion: np.ndarray, class_names: list[str], folder: Path, st
         "![confusion matrix](confusion_matrix.png)",
         "",
     ]
-    (folder / "report.md").write_text("\n".join(lines))
+    write_text(folder / "report.md", "\n".join(lines))
     accuracy = float(np.trace(confusion)) / max(total, 1)
     plot_confusion(confusion, class_names, folder / "confusion_matrix.png", f"{stage}: accuracy {accuracy:.3f} on {total} images")
     return folder
@@ -135,11 +135,6 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> Path | None:
     """Loss, accuracy and learning rate over training, from a CSVLogger's ``metrics.csv``, as one PNG."""
     if not metrics_csv.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with metrics_csv.open() as f:
         rows = list(csv.DictReader(f))
 
@@ -148,7 +143,8 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> Path | None:
         return [p[0] for p in points], [p[1] for p in points]
 
     lr_key = next((k for k in (rows[0] if rows else {}) if k.startswith("lr")), None)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
+    fig = _figure(figsize=(15, 4), dpi=100)
+    axes = fig.subplots(1, 3)
     for key, label in (("train/loss", "train loss (per step)"), ("val/loss", "validation loss")):
         axes[0].plot(*series(key), marker="o" if key.startswith("val") else None, label=label)
     axes[0].set_title("loss")
@@ -165,9 +161,23 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> Path | None:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
+
+
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib `Figure` of its own, drawn by the Agg canvas: no pyplot, so the process's backend (a notebook's
+    inline one, say) and pyplot's figure list stay as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 def human_size(num_bytes: float) -> str:

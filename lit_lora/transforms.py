@@ -16,8 +16,9 @@ Workers hand over uint8 tensors; scaling and normalising happen in the model (`n
 
 ``fast_decode`` computes the crops from the JPEG header first (`FastTrainCrop`, `FastEvalCrop`), so libjpeg can
 decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) whenever the crop keeps full output resolution; crop and resize
-are then one PIL box resize. Training crops have the guide's distribution; evaluation pixels differ from the
-exact path by about a grey level (`benchmarks/decode.py` measures it).
+are then one PIL box resize. Training crops have the guide's distribution (on by default: augmentation is random
+anyway); evaluation pixels would differ from the exact path by about a grey level (`benchmarks/decode.py` measures
+it), so evaluation and predict use it only when asked (``fast_eval_decode``).
 """
 
 from __future__ import annotations
@@ -315,8 +316,9 @@ def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callab
     return FastTrainCrop(settings) if fast_decode else guide_train_transform(settings)
 
 
-def eval_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Picture], torch.Tensor]:
-    """Evaluation preprocessing ending in uint8: `FastEvalCrop`, or exactly the exported processor's."""
+def eval_transform(settings: ImageSettings, fast_decode: bool = False) -> Callable[[Picture], torch.Tensor]:
+    """Evaluation preprocessing ending in uint8: exactly the exported processor's, or (an approximation the user
+    opts into) `FastEvalCrop`."""
     return FastEvalCrop(settings) if fast_decode else EvalTransform(settings)
 
 

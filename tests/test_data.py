@@ -73,7 +73,10 @@ def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) 
     assert module.class_names == names
     module.setup("test")
     assert len(module.test_table) == 4
-    assert module.test_table.describe(1) == f"{tmp_path / 'ds'}:validation[1]" and module.test_table.read_bytes(1) == paths[21].read_bytes()
+    # Evaluation rows come in a fixed seeded order across classes; each still names its row of the split.
+    assert sorted(module.test_table.describe(i) for i in range(4)) == [f"{tmp_path / 'ds'}:validation[{i}]" for i in range(4)]
+    row = next(i for i in range(4) if module.test_table.describe(i).endswith("validation[1]"))
+    assert module.test_table.read_bytes(row) == paths[21].read_bytes()
     # Decoding on the device (the CPU here) reads the rows' bytes and gives the exact path's pixels.
     on_device = Food101DataModule(dataset=str(tmp_path / "ds"), train_split="train", num_workers=0, decode_on_device=True, fast_decode=False)
     on_device.setup("test")
@@ -208,9 +211,24 @@ def test_val_split_validates_on_those_images_and_trains_on_all_of_train_split(fo
     module.setup("fit")
     source = open_local_folder(food101_dir)
     assert module.train_table.paths == source.select("train").paths  # nothing held out
-    assert module.val_table.paths == source.select("test[:6]").paths
+    assert sorted(module.val_table.paths) == sorted(source.select("test[:6]").paths)
     with pytest.raises(ValueError, match="val_split 'test\\[5:5\\]' selects no image"):
         Food101DataModule(data_dir=food101_dir, train_split="train", val_split="test[5:5]", num_workers=0).setup("fit")
+
+
+def test_validation_order_is_seeded_and_mixes_the_classes(food101_dir: str) -> None:
+    """Sources list images class by class; validation batches do not, so any prefix of them (limit_val_batches,
+    an interrupted pass) is a fair sample. The order is the same in every run."""
+    def labels(seed: int) -> list[int]:
+        module = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.5, num_workers=0, seed=seed, batch_size=6)
+        module.setup("fit")
+        module.setup("test")
+        first = next(iter(module.val_dataloader()))["labels"].tolist()
+        assert len(set(first)) >= 3  # the first batch of 6 already covers most of the 4 classes
+        assert module.test_table.labels != sorted(module.test_table.labels)
+        return module.val_table.labels
+
+    assert labels(0) == labels(0) and labels(0) != sorted(labels(0))
 
 
 class _Niceness(torch.utils.data.Dataset):

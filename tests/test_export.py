@@ -124,14 +124,41 @@ def test_transformers_loads_the_adapter_folder_natively_and_matches_the_merged_e
         torch.testing.assert_close(native(**inputs).logits, merged(**inputs).logits, atol=1e-4, rtol=0)
 
 
-def test_pipeline_on_the_merged_export_predicts_what_lit_lora_predicts(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, photos: list[Path]) -> None:
+@pytest.fixture(scope="module")
+def odd_photos(tmp_path_factory: pytest.TempPathFactory, photos: list[Path]) -> list[Path]:
+    """The photos as files stock tools read in their own way: RGBA with real transparency, a palette PNG with a
+    transparent colour, 16-bit grayscale, CMYK JPEG, and an EXIF-rotated JPEG."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("odd-photos")
+    rgb = [Image.open(p).convert("RGB") for p in photos[:5]]
+    rgba = rgb[0].copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "rgba.png")
+    palette = rgb[1].quantize(16)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    wide = (np.asarray(rgb[2].convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(wide).save(folder / "sixteen.png")  # mode I;16
+    rgb[3].convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated by 90 degrees
+    rgb[4].save(folder / "rotated.jpg", exif=exif, quality=95)
+    return sorted(folder.iterdir())
+
+
+def test_default_predict_equals_pipeline_on_the_merged_export(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, photos: list[Path], odd_photos: list[Path]) -> None:
+    """``predict`` as it comes (no option) gives what ``pipeline("image-classification")`` on the merged export
+    gives, to 1e-4, for JPEGs of several shapes and for RGBA, palette, 16-bit, CMYK and EXIF-rotated files."""
     out = tmp_path / "merged"
     cli_main(["export", f"--ckpt_path={trained_run / 'last.ckpt'}", f"--output_dir={out}", "--merge=true"])
     monkeypatch.chdir(tmp_path)
     args = [a for a in common_args(tiny_vit, food101_dir) if not a.startswith("--data.data_dir")]
     csv_path = tmp_path / "predictions.csv"
-    cli_main(["predict", *args, f"--ckpt_path={trained_run / 'last.ckpt'}", f"--data.predict_dir={photos[0].parent}", "--data.fast_decode=false", f"--predictions.output_path={csv_path}"])
-    ours = {Path(row["path"]).name: row for row in csv.DictReader(csv_path.open())}
+    files = photos + odd_photos
+    cli_main(["predict", *args, f"--ckpt_path={trained_run / 'last.ckpt'}", f"--data.predict_dir={[str(p) for p in files]}", f"--predictions.output_path={csv_path}"])
+    ours = {row["path"]: row for row in csv.DictReader(csv_path.open())}
+    assert len(ours) == len(files)
 
     # A fresh interpreter in which peft cannot be imported: the merged folder must not need it.
     script = f"""
@@ -139,16 +166,16 @@ import sys, json
 sys.modules["peft"] = None
 from transformers import pipeline
 classify = pipeline("image-classification", model={str(out)!r}, device="cpu")
-print(json.dumps([classify(p, top_k=4) for p in {[str(p) for p in photos]!r}]))
+print(json.dumps([classify(p, top_k=4) for p in {[str(p) for p in files]!r}]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     predictions = json.loads(result.stdout.strip().splitlines()[-1])
-    for path, row in zip(photos, predictions):
-        mine = ours[path.name]
-        assert row[0]["label"] == mine["label"]
-        assert row[0]["score"] == pytest.approx(float(mine["score"]), abs=1e-4)
-        assert row[1]["score"] == pytest.approx(float(mine["score_2"]), abs=1e-4)
+    for path, row in zip(files, predictions):
+        mine = ours[str(path)]
+        assert row[0]["label"] == mine["label"], path.name
+        assert row[0]["score"] == pytest.approx(float(mine["score"]), abs=1e-4), path.name
+        assert row[1]["score"] == pytest.approx(float(mine["score_2"]), abs=1e-4), path.name
 
 
 def test_model_trains_from_a_plain_dataloader_over_image_processor_output(trained_run: Path, food101_dir: str, tiny_vit: str) -> None:
@@ -192,7 +219,7 @@ def test_export_refuses_a_folder_with_other_files_and_keeps_them(trained_run: Pa
     export_only = tmp_path / "export-only"
     cli_main(["export", f"--ckpt_path={trained_run / 'last.ckpt'}", f"--output_dir={export_only}"])
     cli_main(["export", f"--ckpt_path={trained_run / 'last.ckpt'}", f"--output_dir={export_only}", "--merge=true"])
-    assert {p.name for p in export_only.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    assert {p.name for p in export_only.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json", "lit_lora_export.json"}
     # The current folder works too.
     here = tmp_path / "here"
     here.mkdir()

@@ -1,0 +1,426 @@
+"""Nothing lost, nothing silently wrong: files written in place and never clobbered, one run per folder,
+evaluation that leaves a training run alone, honest metrics and labels, interruptions that keep "best" honest."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_lora.cli import cli_main
+from lit_lora.files import TMP_MARK, OutputError
+
+from test_cli import common_args
+
+TESTS = Path(__file__).parent
+
+
+def run_fit(cwd: Path, *extra: str, tiny_vit: str, food101_dir: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m lit_lora fit`` with the tests' tiny setup, in a fresh process (signals, kills, exit codes)."""
+    environment = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1", **(env or {})}
+    args = [sys.executable, "-m", "lit_lora", "fit", *common_args(tiny_vit, food101_dir), *extra]
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False):
+    """A small RAM filesystem at ``path`` (another filesystem than the tests' temporary folder); skips without root."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs (a second filesystem, a full disk or a read-only one)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its content hash."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- callbacks the subprocess fits use (PYTHONPATH=tests) ------------------------------------------------------
+
+
+class KillWhileWriting(pl.Callback):
+    """SIGKILLs the process in the middle of writing ``what`` (``last.ckpt`` at epoch 1, or the first adapter
+    folder), after part of it is on disk: what a preempted or OOM-killed machine does."""
+
+    def __init__(self, what: str = "last.ckpt") -> None:
+        self.what = what
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import lit_lora.export as export
+
+        if self.what == "adapter":
+            def dies(module, staging):
+                (staging / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            export._build_adapter = dies
+            return
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if trainer.current_epoch >= 1 and "last.ckpt" in str(getattr(f, "name", f)):
+                real_save(obj, f, *args, **kwargs)
+                f.flush()
+                f.truncate(f.tell() // 2)  # half of it on disk
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+
+
+class FillTheDisk(pl.Callback):
+    """At the start of epoch 1, fills the run folder's filesystem up to ``leave`` free bytes."""
+
+    def __init__(self, leave: int = 20_000) -> None:
+        self.leave = leave
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import shutil
+
+        if trainer.current_epoch == 1:
+            folder = Path(trainer.log_dir)
+            free = shutil.disk_usage(folder).free
+            with open(folder / "filler", "wb") as f:
+                f.write(b"\0" * max(free - self.leave, 0))
+
+
+class SignalInValidation(pl.Callback):
+    """Sends a real signal after validation batch ``batch`` of ``epoch`` (not the last batch)."""
+
+    def __init__(self, epoch: int = 0, batch: int = 0, signal_name: str = "SIGTERM") -> None:
+        self.epoch, self.batch, self.signal_name = epoch, batch, signal_name
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class TwoCtrlCs(pl.Callback):
+    """Presses Ctrl-C twice at the start of training batch 2 of epoch 1: the second lands mid-batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---- numbers ---------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_is_correct_images_over_images_as_the_guide_counts(tiny_vit: str) -> None:
+    """``acc`` is micro accuracy (the guide's ``evaluate.load("accuracy")``), not torchmetrics' default macro
+    average; ``acc_macro`` is the class average."""
+    from lit_lora import LoRAImageClassifier
+
+    model = LoRAImageClassifier(tiny_vit, class_names=["a", "b", "c"])
+    labels = torch.tensor([0] * 10 + [1, 2])
+    predicted = torch.tensor([0] * 10 + [0, 0])  # 10 of 12 right; classes b and c always wrong
+    logits = torch.nn.functional.one_hot(predicted, 3).float()
+    model.val_metrics.update(logits, labels)
+    result = {key: float(value) for key, value in model.val_metrics.compute().items()}
+    assert result["val/acc"] == pytest.approx(10 / 12)
+    assert result["val/acc_macro"] == pytest.approx(1 / 3)
+
+
+# ---- files: written in place, never clobbered ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_vit: str, food101_dir: str) -> Path:
+    """A 2-epoch fit through the CLI; returns its run folder."""
+    folder = tmp_path_factory.mktemp("trust")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        cli_main(["fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=2"])
+    finally:
+        os.chdir(cwd)
+    return folder / "checkpoints" / "run" / "version_0"
+
+
+def test_export_never_replaces_or_deletes_a_file_it_did_not_write(trained: Path, tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    model_dir = tmp_path / "a-transformers-model"
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16)).save_pretrained(model_dir)
+    ViTImageProcessor().save_pretrained(model_dir)
+    before = files_of(model_dir)
+    for extra in ([], ["--overwrite=true"], ["--merge=true", "--overwrite=true"]):
+        with pytest.raises(ValueError, match="output_dir"):
+            cli_main(["export", f"--ckpt_path={trained / 'last.ckpt'}", f"--output_dir={model_dir}", *extra])
+        assert files_of(model_dir) == before
+
+    readme_only = tmp_path / "readme-only"
+    readme_only.mkdir()
+    (readme_only / "README.md").write_text("my notes\n")
+    for extra in ([], ["--overwrite=true"]):
+        with pytest.raises(ValueError, match="README.md"):
+            cli_main(["export", f"--ckpt_path={trained / 'last.ckpt'}", f"--output_dir={readme_only}", *extra])
+    assert (readme_only / "README.md").read_text() == "my notes\n" and len(list(readme_only.iterdir())) == 1
+
+    # A previous export (its manifest) is replaced without --overwrite; the user's file beside it stays.
+    out = tmp_path / "export"
+    cli_main(["export", f"--ckpt_path={trained / 'last.ckpt'}", f"--output_dir={out}"])
+    (out / "notes.txt").write_text("mine\n")
+    cli_main(["export", f"--ckpt_path={trained / 'last.ckpt'}", f"--output_dir={out}", "--merge=true"])
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "model.safetensors").is_file()
+    assert not (out / "adapter_model.safetensors").exists()  # the previous export's, listed in its manifest
+    # Exported files get the same modes as fit's.
+    fit_mode = (trained / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == fit_mode == (trained / "last.ckpt").stat().st_mode & 0o777
+
+
+def test_export_of_a_truncated_checkpoint_is_one_line(trained: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes((trained / "last.ckpt").read_bytes()[:5000])
+    result = subprocess.run([sys.executable, "-m", "lit_lora", "export", f"--ckpt_path={broken}", f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("lit_lora: error: ckpt_path") and "not a readable checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2  # the message and the LIT_LORA_TRACEBACK hint
+
+
+def test_fit_writes_nothing_through_a_tiny_tmpdir(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Lightning's own writer stages checkpoints in TMPDIR; on a 64 KB TMPDIR it could not write a 230 KB one."""
+    with tmpfs(tmp_path / "tmp", "64k") as tmpdir:
+        result = run_fit(tmp_path, "--trainer.max_epochs=2", tiny_vit=tiny_vit, food101_dir=food101_dir, env={"TMPDIR": str(tmpdir)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert list(tmpdir.iterdir()) == []
+    run = tmp_path / "checkpoints" / "run" / "version_0"
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter-last" / "adapter_model.safetensors").is_file()
+
+
+def test_kill_while_writing_keeps_the_previous_checkpoint_and_the_next_run_cleans_up(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    with tmpfs(tmp_path / "tmp", "16m") as tmpdir:  # TMPDIR on another filesystem than the run folder
+        env = {"TMPDIR": str(tmpdir)}
+        killed = run_fit(tmp_path, "--trainer.max_epochs=2", "--trainer.callbacks+=test_trust.KillWhileWriting", tiny_vit=tiny_vit, food101_dir=food101_dir, env=env)
+        assert killed.returncode == -signal.SIGKILL
+        run = tmp_path / "checkpoints" / "run" / "version_0"
+        assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 0  # the previous one, whole
+        assert [p for p in run.iterdir() if TMP_MARK in p.name]  # the killed write's temporary, beside it
+        assert list(tmpdir.iterdir()) == []  # and nothing in TMPDIR
+        resumed = run_fit(tmp_path, "--trainer.max_epochs=2", f"--ckpt_path={run / 'last.ckpt'}", tiny_vit=tiny_vit, food101_dir=food101_dir, env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not [p for p in run.iterdir() if TMP_MARK in p.name]
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 10  # both epochs: 5 batches each
+
+
+def test_a_kill_during_the_first_adapter_write_is_repaired_even_with_nothing_left_to_train(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    killed = run_fit(tmp_path, "--trainer.max_epochs=1", "--trainer.callbacks+=test_trust.KillWhileWriting", "--trainer.callbacks.init_args.what=adapter", tiny_vit=tiny_vit, food101_dir=food101_dir)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "checkpoints" / "run" / "version_0"
+    assert (run / "last.ckpt").is_file() and not (run / "adapter").exists()
+    assert [p for p in run.iterdir() if TMP_MARK in p.name]
+    resumed = run_fit(tmp_path, "--trainer.max_epochs=1", f"--ckpt_path={run / 'last.ckpt'}", tiny_vit=tiny_vit, food101_dir=food101_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not [p for p in run.iterdir() if TMP_MARK in p.name]
+    from lit_lora.export import load_module
+
+    best = load_module(next(run.glob("epoch=*.ckpt"))).trainable_state_dict()
+    folder = load_module(run / "adapter").trainable_state_dict()
+    assert all(torch.equal(best[key], folder[key]) for key in best)
+    assert (run / "adapter-last" / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_stops_in_one_line_and_every_checkpoint_still_loads(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        result = run_fit(disk, "--trainer.max_epochs=3", "--trainer.callbacks+=test_trust.FillTheDisk", tiny_vit=tiny_vit, food101_dir=food101_dir)
+        assert result.returncode == 1, result.stderr[-3000:]
+        error = [line for line in result.stderr.splitlines() if line.startswith("lit_lora: error:")]
+        assert len(error) == 1 and "No space left on device" in error[0] and "Traceback" not in result.stderr
+        run = disk / "checkpoints" / "run" / "version_0"
+        for ckpt in run.glob("*.ckpt"):
+            torch.load(ckpt, weights_only=True)  # no partial file under a checkpoint's name
+        assert not [p for p in run.iterdir() if TMP_MARK in p.name]
+
+
+def test_output_problems_are_found_before_loading_anything(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError) as caught:
+        cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={tmp_path / 'a-file'}", f"--trainer.default_root_dir={tmp_path / 'a-file' / 'x'}", "--model.r=0", "--trainer.accelerator=gpu" if not torch.cuda.is_available() else "--model.lora_dropout=1.5"])
+    message = str(caught.value)
+    assert "checkpoint.dirpath" in message and "trainer.default_root_dir" in message and "is a file" in message
+    assert "model.r must be a positive LoRA rank" in message
+    assert ("trainer.accelerator 'gpu' asks for a GPU" in message) or ("model.lora_dropout" in message)
+    with tmpfs(tmp_path / "read-only", "1m", read_only=True) as read_only:
+        with pytest.raises(ValueError, match=r"checkpoint.dirpath .* is not writable"):
+            cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={read_only / 'run'}"])
+
+
+def test_an_unreachable_hub_is_reported_within_a_second_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from lit_lora.cli import hub_problem
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: as without network
+    started = time.perf_counter()
+    problem = hub_problem("google/vit-base-patch16-224-in21k")
+    assert time.perf_counter() - started < 1.5
+    assert "'google/vit-base-patch16-224-in21k'" in problem and "--model.model_name_or_path DIR" in problem and "save_pretrained" in problem
+    assert hub_problem("./some/folder") is None
+
+
+# ---- one run per folder; evaluation leaves a run alone; resume continues it --------------------------------------
+
+
+def test_two_fits_never_share_a_folder(tmp_path: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lit_lora.runs import RunLock, claim_version
+
+    with ProcessPoolExecutor(6) as pool:
+        versions = list(pool.map(claim_version, [tmp_path / "logs"] * 12, ["run"] * 12))
+    assert sorted(versions) == list(range(12))
+
+    held = RunLock(tmp_path / "busy")
+    held.acquire()  # as a fit in another process holds its folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=r"busy is in use by another fit \(pid \d+"):
+        cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={tmp_path / 'busy'}", "--trainer.max_epochs=1"])
+    held.release()
+    assert not list((tmp_path / "busy").glob("*.ckpt"))
+
+
+def test_validate_test_and_predict_leave_the_training_run_untouched(trained: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained.parents[2])
+    before = files_of(trained)
+    args = common_args(tiny_vit, food101_dir)
+    for source in ("last.ckpt", "adapter"):
+        cli_main(["validate", *args, f"--ckpt_path={trained / source}", "--data.batch_size=4"])
+        cli_main(["test", *args, f"--ckpt_path={trained / source}"])
+        cli_main(["predict", *args, f"--ckpt_path={trained / source}", f"--data.predict_dir={food101_dir}/images/tomato"])
+    after = files_of(trained)
+    assert {k: v for k, v in after.items() if k.split("/")[0] not in ("validate", "test", "predict")} == before
+    assert (trained / "validate" / "config.yaml").is_file() and (trained / "validate" / "validate_report" / "metrics.json").is_file()
+    assert (trained / "test" / "test_report" / "per_class.csv").is_file() and (trained / "predict" / "predictions.csv").is_file()
+    assert sorted(p.name for p in trained.parent.iterdir()) == ["version_0"]  # no new version folder
+
+
+def test_interrupted_validation_is_run_again_and_resume_continues_the_same_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """SIGTERM in the middle of epoch 0's validation, then resume: the best checkpoint, adapter/ and the metrics
+    equal an uninterrupted run's, all in the one version folder. (Learning rate 0: every epoch scores the same,
+    so the best is epoch 0, which only a re-run validation of epoch 0 can find.)"""
+    args = ("--trainer.max_epochs=2", "--model.learning_rate=0", "--data.batch_size=4")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "stopped").mkdir()
+    straight = run_fit(tmp_path / "straight", *args, tiny_vit=tiny_vit, food101_dir=food101_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = run_fit(tmp_path / "stopped", *args, "--trainer.callbacks+=test_trust.SignalInValidation", tiny_vit=tiny_vit, food101_dir=food101_dir)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    run = tmp_path / "stopped" / "checkpoints" / "run" / "version_0"
+    resumed = run_fit(tmp_path / "stopped", *args, f"--ckpt_path={run / 'last.ckpt'}", tiny_vit=tiny_vit, food101_dir=food101_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    reference = tmp_path / "straight" / "checkpoints" / "run" / "version_0"
+    assert [p.name for p in run.glob("epoch=*.ckpt")] == [p.name for p in reference.glob("epoch=*.ckpt")]
+    assert next(run.glob("epoch=*.ckpt")).name.startswith("epoch=0-")
+    for name in ("adapter/adapter_model.safetensors", "adapter-last/adapter_model.safetensors"):
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+
+    def validation_rows(folder: Path) -> list[tuple[str, str, str]]:
+        with (folder / "metrics.csv").open() as f:
+            return [(r["epoch"], r["step"], r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")]
+
+    assert validation_rows(run) == validation_rows(reference) and len(validation_rows(run)) == 2
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    result = run_fit(tmp_path, "--trainer.max_epochs=3", "--trainer.callbacks+=test_trust.TwoCtrlCs", tiny_vit=tiny_vit, food101_dir=food101_dir)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Resume with" not in result.stderr and "nothing saved" in result.stderr
+    last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # written at the end of epoch 0, not mid-batch
+
+
+def test_labels_of_an_adapter_folder_cannot_be_renamed(trained: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.chdir(trained.parents[2])
+    names = list(json.loads((trained / "adapter" / "labels.json").read_text())["label2id"])
+    shuffled = names[1:] + names[:1]
+    with pytest.raises(ValueError, match=r"labels.json is authoritative"):
+        cli_main(["predict", *common_args(tiny_vit, food101_dir), f"--ckpt_path={trained / 'adapter'}", f"--data.class_names={json.dumps(shuffled)}", f"--data.predict_dir={food101_dir}"])
+
+
+# ---- bad images: only unreadable files count; training batches never empty ---------------------------------------
+
+
+def test_a_transform_error_is_an_error_not_a_bad_image(food101_dir: str) -> None:
+    from lit_lora.images import FileTable, ImageDataset
+
+    paths = sorted(str(p) for p in Path(food101_dir).rglob("*.jpg"))[:3]
+
+    def buggy(image):
+        raise ValueError("a bug in my transform")
+
+    with pytest.raises(ValueError, match="a bug in my transform"):
+        ImageDataset(FileTable(paths, [0, 1, 2]), buggy)[0]
+
+
+def test_unreadable_training_images_are_replaced_so_no_batch_is_empty(tmp_path: Path, food101_dir: str) -> None:
+    from lit_lora.images import FileTable, ImageDataset, collate_skipping_bad_images
+    from lit_lora.transforms import ImageSettings, train_transform
+
+    good = sorted(str(p) for p in Path(food101_dir).rglob("*.jpg"))[:2]
+    bad = []
+    for i in range(4):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+        bad.append(str(tmp_path / f"bad{i}.jpg"))
+    table = FileTable(bad + good, [0, 0, 0, 0, 1, 1])
+    dataset = ImageDataset(table, train_transform(ImageSettings((32, 32), 32)), replace_unreadable=True)
+    batch = collate_skipping_bad_images([dataset[(i, 7)] for i in range(4)])  # a batch of only unreadable files
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["index"].tolist() == [4, 4, 4, 4]
+    assert sorted({where for where, _ in batch["skipped"]}) == bad
+    evaluation = collate_skipping_bad_images([ImageDataset(table, train_transform(ImageSettings((32, 32), 32)))[i] for i in range(4)])
+    assert "pixel_values" not in evaluation and len(evaluation["skipped"]) == 4  # evaluation counts only real images
+
+
+# ---- DDP: every process's unfinished accumulation window ---------------------------------------------------------
+
+
+def _ranks_save_and_restore(rank: int, world: int, folder: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        from lit_lora.checkpoint_contents import gradients_to_save, restore_gradients, saved_gradients_for_this_process
+
+        module = torch.nn.Linear(3, 2)
+        for p in module.parameters():
+            p.grad = torch.full_like(p, float(rank + 1))  # each process accumulated something else
+        saved = gradients_to_save(module)
+        if rank == 0:
+            torch.save({"accumulated_gradients": saved}, f"{folder}/last.ckpt")
+        torch.distributed.barrier()
+        module.zero_grad(set_to_none=True)
+        restore_gradients(module, saved_gradients_for_this_process(torch.load(f"{folder}/last.ckpt", weights_only=True)["accumulated_gradients"]))
+        assert all(torch.equal(p.grad, torch.full_like(p, float(rank + 1))) for p in module.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_saves_and_restores_every_processs_accumulated_gradients(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from lit_lora.checkpoint_contents import saved_gradients_for_this_process
+
+    mp.spawn(_ranks_save_and_restore, args=(2, str(tmp_path)), nprocs=2)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["accumulated_gradients"]
+    assert len(saved["per_rank"]) == 2
+    with pytest.raises(ValueError, match=r"saved inside a gradient-accumulation window by 2 process\(es\), and this run has 1"):
+        saved_gradients_for_this_process(saved)  # this test process is one process: refused, not mixed up
