@@ -115,7 +115,7 @@ def check_readable_checkpoint(ckpt_path: str) -> None:
         torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, AttributeError) as err:
         raise ValueError(
-            f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}). "
             "It may be truncated (a copy still in progress?) or not a Lightning .ckpt; use last.ckpt or the "
             "best epoch=*.ckpt of a run, or an adapter folder."
         ) from err

@@ -127,7 +127,7 @@ def load_adapter_weights(module: LoRAImageClassifier, folder: str | os.PathLike)
     except RuntimeError as err:  # torch's "size mismatch for ...": another label set or LoRA rank
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
         raise ValueError(
-            f"adapter folder {folder} does not fit this model ({detail[:300]}). It was trained with other settings: "
+            f"adapter folder {folder} does not fit this model ({detail}). It was trained with other settings: "
             "load it with the labels and LoRA settings it was saved with."
         ) from err
     unexpected = getattr(result, "unexpected_keys", [])

@@ -125,7 +125,7 @@ def load_image_settings(name_or_path: str) -> ImageSettings:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"could not load the image processor of {name_or_path!r} ({str(err).splitlines()[0][:200]}). Pass a hub "
+            f"could not load the image processor of {name_or_path!r} ({' '.join(str(err).split())}). Pass a hub "
             "id that is cached (offline) or a local folder holding preprocessor_config.json."
         ) from err
     return settings_from_processor(processor)

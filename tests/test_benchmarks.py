@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 90 s on 2 cores: run it with `pytest -m slow` before a device session
 def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
     env = {
         **os.environ, "DRY": "1", "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work"), "PYTHON": sys.executable,

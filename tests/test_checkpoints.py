@@ -117,7 +117,7 @@ class RecordImages(pl.Callback):
             f.write("".join(f"{trainer.current_epoch} {int(i)}\n" for i in batch["index"]))
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signal_name", ["SIGINT"])  # SIGTERM: the accumulation-window and validation tests
 def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, tiny_vit: str, food101_dir: str, signal_name: str) -> None:
     import os
     import subprocess

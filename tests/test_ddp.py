@@ -41,11 +41,11 @@ def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, fo
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 5  # 34 images / 2 processes / 4 -> 5 steps
 
     # Validation on two processes gives exactly the single-process figures: each image counted once.
-    # validate writes its report into the checkpoint's run folder, not into a new logger version.
+    # validate writes its report into its own subfolder of the checkpoint's run folder, not a new logger version.
     run_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
-    two = json.loads((run / "validate_report" / "metrics.json").read_text())
+    two = json.loads((run / "validate" / "validate_report" / "metrics.json").read_text())
     run_cli(["validate", *args, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
-    one = json.loads((run / "validate_report" / "metrics.json").read_text())
+    one = json.loads((run / "validate" / "validate_report" / "metrics.json").read_text())
     assert two["val/acc"] == pytest.approx(one["val/acc"], abs=1e-6)
     assert two["val/loss"] == pytest.approx(one["val/loss"], abs=1e-5)
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]

@@ -28,7 +28,7 @@ def test_fit_then_validate_and_test_write_reports(tmp_path: Path, monkeypatch: p
         assert any(key.startswith("lr-AdamW") for key in csv.DictReader(f).fieldnames)  # learning rate logged
 
     validated = cli_main(["validate", *args, f"--ckpt_path={run / 'last.ckpt'}"])
-    report = (run / "validate_report").resolve()  # beside the checkpoint it is about, not in a new logger version
+    report = (run / "validate" / "validate_report").resolve()  # in the checkpoint's run, in validate's own subfolder
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
     assert validated.trainer.callback_metrics["val/acc_top5"].item() == 1.0  # 4 classes: the top 5 hold every label
     assert f"validate report (per-class metrics, confused pairs, confusion matrix): {report}" in caplog.text
@@ -45,10 +45,10 @@ def test_fit_then_validate_and_test_write_reports(tmp_path: Path, monkeypatch: p
     assert matrix.format == "PNG" and min(matrix.size) >= 400
 
     cli_main(["test", *args, f"--ckpt_path={run / 'last.ckpt'}"])
-    test_rows = list(csv.DictReader((run / "test_report" / "per_class.csv").open()))
+    test_rows = list(csv.DictReader((run / "test" / "test_report" / "per_class.csv").open()))
     assert sum(int(r["support"]) for r in test_rows) == 16
     predicted = cli_main(["predict", *args, f"--ckpt_path={run / 'adapter'}", f"--data.predict_dir={food101_dir}"])
-    assert len(list(csv.DictReader((run / "predictions.csv").open()))) == 64 and predicted.trainer.logger is None
+    assert len(list(csv.DictReader((run / "predict" / "predictions.csv").open()))) == 64 and predicted.trainer.logger is None
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
 
 

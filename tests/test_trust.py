@@ -288,9 +288,14 @@ def test_two_fits_never_share_a_folder(tmp_path: Path, tiny_vit: str, food101_di
         versions = list(pool.map(claim_version, [tmp_path / "logs"] * 12, ["run"] * 12))
     assert sorted(versions) == list(range(12))
 
+    # The CLI takes its version folder that way (before Lightning's logger would list the folder and guess).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "run" / "version_0").mkdir(parents=True)  # another run's
+    cli = cli_main(["fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=1"])
+    assert cli.config["fit"]["trainer"]["logger"]["init_args"]["version"] == 1 and cli.trainer.logger.version == 1
+
     held = RunLock(tmp_path / "busy")
     held.acquire()  # as a fit in another process holds its folder
-    monkeypatch.chdir(tmp_path)
     with pytest.raises(OutputError, match=r"busy is in use by another fit \(pid \d+"):
         cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={tmp_path / 'busy'}", "--trainer.max_epochs=1"])
     held.release()
