@@ -3,11 +3,10 @@ the layout check, the random states and the gradients of an unfinished accumulat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import pickle
 import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

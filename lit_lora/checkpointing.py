@@ -11,10 +11,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_lora.files import output_folder_problems, remove_stale_temporaries, OutputError
+from lit_lora import log
+from lit_lora.files import OutputError, output_folder_problems, remove_stale_temporaries
 from lit_lora.runs import RunLock, use_atomic_checkpoints
 
 
@@ -122,7 +122,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             self._previous_sigint = signal.getsignal(signal.SIGINT)
 
             def stop_after_this_batch(signum: int, frame: Any) -> None:
-                rank_zero_info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
+                log.info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
                 self._interrupted_by = "SIGINT"
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 # Lightning's SIGTERM handling (installed during fit) stops after the current batch.
@@ -205,14 +205,14 @@ class AdapterCheckpoint(ModelCheckpoint):
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         if isinstance(exception, KeyboardInterrupt):
             kept = f"{path} (step {_saved_step(path)}) is the latest checkpoint" if os.path.isfile(path) else "no checkpoint was written"
-            rank_zero_info(f"\n[lit_lora] stopped at once (second Ctrl-C): nothing saved; {kept}.")
+            log.info(f"\n[lit_lora] stopped at once (second Ctrl-C): nothing saved; {kept}.")
             return
         if not isinstance(exception, SIGTERMException):
             return
         self.last_model_path = path
         trainer.save_checkpoint(path, weights_only=False)  # a temporary in the run folder, renamed: never half-written
         exception.lit_lora_signal = self._interrupted_by or "SIGTERM"  # type: ignore[attr-defined]  # for the exit code
-        rank_zero_info(
+        log.info(
             f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
         )

@@ -12,16 +12,16 @@ from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
+from lit_lora import log
+from lit_lora.checkpoint_contents import check_readable_checkpoint
 from lit_lora.checkpointing import AdapterCheckpoint
 from lit_lora.console import quiet_other_libraries
-from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.datamodule import Food101DataModule, settings_problems
-from lit_lora.checkpoint_contents import check_readable_checkpoint
-from lit_lora.files import output_folder_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
+from lit_lora.files import output_folder_problems
 from lit_lora.model import LoRAImageClassifier
+from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.predictions import PredictionWriter
 from lit_lora.runs import ResumedLogs, claim_version
 from lit_lora.schedules import scheduler_problems
@@ -37,8 +37,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     },
 }
 
-DESCRIPTION = """LoRA fine-tuning of image classifiers. Subcommands: fit, validate, test, predict (LightningCLI), and
-export (`python -m lit_lora export --help`: write a PEFT adapter folder or a merged transformers model)."""
+TOP_LEVEL_PROG = "python -m lit_lora"
+DESCRIPTION = """LoRA fine-tuning of image classifiers on PyTorch Lightning, with PEFT and transformers: fit, validate,
+test and predict (LightningCLI), and export."""
 
 
 class LitLoRACLI(LightningCLI):
@@ -266,7 +267,7 @@ def choose_precision(subcommand: str, trainer: Any) -> None:
     if str(trainer.get("precision")) in ("16-mixed", "16") and not torch.cuda.is_available() and not wants_gpu:
         trainer.precision = "32-true"
         if subcommand == "fit":
-            rank_zero_info("[lit_lora] no GPU: training in 32-true precision (the config's 16-mixed needs a GPU)")
+            log.info("[lit_lora] no GPU: training in 32-true precision (the config's 16-mixed needs a GPU)")
 
 
 def _is_default_logger(logger: Any) -> bool:
@@ -346,7 +347,27 @@ class ShortErrorParser(LightningArgumentParser):
             close = [c for word in unknown for c in difflib.get_close_matches(word.split("=")[0], options, n=2, cutoff=0.75)]
             if close:
                 hint = f" Did you mean {' or '.join(dict.fromkeys(close))}?"
+        if "invalid choice" in message and "export" not in message:
+            message = message.replace("'predict')", "'predict', 'export')").replace("predict)", "predict, export)")
         self.exit(2, f"{self.prog}: error: {message.strip()}{hint}\n(see --help for every option)\n")
+
+    def format_help(self) -> str:
+        """jsonargparse's help, led by lit_lora's own options one line each (subcommands), or with every subcommand,
+        ``export`` included, listed in whole sentences (the top level)."""
+        from lit_lora.help import options_summary, top_level_help
+
+        text = super().format_help()
+        if self.prog.strip() == TOP_LEVEL_PROG and "subcommands:" in text:
+            options = text[text.index("options:") : text.index("subcommands:")].rstrip() + "\n"
+            return top_level_help(f"usage: {TOP_LEVEL_PROG} [-h] [-c CONFIG] {{fit,validate,test,predict,export}} ...\n", DESCRIPTION, options)
+        try:
+            defaults = self.get_defaults()
+        except Exception:  # a parser that cannot resolve its defaults yet: the plain help
+            return text
+        if "model.model_name_or_path" not in defaults or "data.batch_size" not in defaults:
+            return text
+        classes = {"model": LoRAImageClassifier, "data": Food101DataModule, "checkpoint": AdapterCheckpoint, "predictions": PredictionWriter}
+        return options_summary(defaults, classes) + text
 
 
 def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
@@ -355,6 +376,7 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
     ``--verbose`` anywhere keeps the other libraries' start-up messages, which are otherwise left out.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    log.show_messages()
     if "--verbose" in argv:
         argv.remove("--verbose")
     else:
@@ -363,7 +385,10 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
     if argv[:1] == ["export"]:
         from jsonargparse import CLI
 
-        return CLI(export, args=argv[1:], as_positional=False, prog="python -m lit_lora export", parser_class=ShortErrorParser)
+        return CLI(
+            export, args=argv[1:], as_positional=False, prog=f"{TOP_LEVEL_PROG} export", parser_class=ShortErrorParser,
+            description="Write a trained model in a format other tools load: a PEFT adapter folder, or (--merge true) a merged transformers model.",
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
         return LitLoRACLI(
@@ -373,6 +398,6 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION, "prog": "python -m lit_lora"},
+            parser_kwargs={"description": DESCRIPTION, "prog": TOP_LEVEL_PROG},
             parser_class=ShortErrorParser,
         )

@@ -11,10 +11,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lit_lora import demo
+from lit_lora import demo, log
 from lit_lora.cache import CachedTable, cached
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, collate_skipping_bad_images
@@ -205,7 +205,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """The opened data source (opened on first use; None when neither data_dir nor dataset is set)."""
         if self._source is None and (self.data_dir or self.dataset):
             source = open_source(self.dataset, self.data_dir)
-            rank_zero_info(f"[lit_lora] data: {source.summary()}")
+            log.info(f"[lit_lora] data: {source.summary()}")
             if len(source.class_names) < 2:
                 raise ValueError(f"{source.location} has {len(source.class_names)} class(es); need at least 2.")
             if self._class_names is not None and self._class_names != source.class_names:
@@ -246,7 +246,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 origin = f"val_size={self.val_size}, seed={self.seed}"
             self.train_table = self._cached(train, self.cache_short_side)
             self.val_table = self._cached(self._mixed(validation), self._eval_side())
-            rank_zero_info(
+            log.info(
                 f"[lit_lora] {self.train_split}: {len(self.train_table)} train / {len(self.val_table)} validation "
                 f"images ({origin})"
             )
@@ -329,7 +329,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             )
         workers = self._loader_workers(table)
         loader = (ResumableDataLoader if train else DataLoader)(
-            ImageDataset(table, transform, self.on_bad_image, encoded=self.decode_on_device and not train, replace_unreadable=train),
+            ImageDataset(
+                table, transform, self.on_bad_image, encoded=self.decode_on_device and not train, replace_unreadable=train,
+                with_path=table is self.predict_table,
+            ),
             collate_fn=collate_skipping_bad_images,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
@@ -373,6 +376,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Deterministic batches of the test split."""
         return self._loader(self.test_table, train=False)
+
+    @property
+    def predict_paths(self) -> list[str]:
+        """The file of each prediction, in the order ``predict`` yields them (its batches also carry ``path``)."""
+        if self.predict_table is None:
+            self.setup("predict")
+        return list(self.predict_table.paths)
 
     def predict_dataloader(self) -> DataLoader:
         """Deterministic batches of the images under ``predict_dir``, in sorted path order."""

@@ -65,9 +65,11 @@ def decode_batch(batch: dict[str, Any], settings: ImageSettings, device: torch.d
             raise bad_image_error(where[first], failed[first])
         batch["skipped"] = list(batch.get("skipped", [])) + [(where[n], failed[n]) for n in failed]
         batch["labels"], batch["index"] = batch["labels"][keep], batch["index"][keep]
+        if "path" in batch:
+            batch["path"] = [batch["path"][n] for n in keep]
     if pixels:
         batch["pixel_values"] = torch.stack([p.contiguous() for p in pixels])
     else:
-        for key in ("labels", "index"):
+        for key in ("labels", "index", "path"):
             batch.pop(key, None)
     return batch

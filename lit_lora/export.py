@@ -95,24 +95,42 @@ def save_adapter_folder_from_checkpoint(module: LoRAImageClassifier, ckpt_path: 
 
 
 def adapter_folder_settings(folder: str | os.PathLike) -> dict:
-    """The `LoRAImageClassifier` arguments that rebuild the model an adapter folder was saved from."""
+    """The `LoRAImageClassifier` arguments that rebuild the model an adapter folder was saved from.
+
+    The LoRA configuration is read by PEFT itself (``PeftConfig.from_pretrained``), and every option that differs
+    from ``LoraConfig``'s default (``alpha_pattern``, ``rank_pattern``, ``use_dora``, ...) is carried over, so the
+    rebuilt model is the trained one, whatever options it was trained with.
+    """
+    import dataclasses
+
+    from peft import LoraConfig, PeftConfig
+
+    from lit_lora.lora import MANAGED_LORA_FIELDS
+
     folder = Path(folder)
-    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = PeftConfig.from_pretrained(str(folder))
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{folder} holds a {type(config).__name__} adapter; lit_lora loads LoRA adapters.")
     labels_file = folder / LABELS if (folder / LABELS).is_file() else folder / "config.json"  # older folders
     if not labels_file.is_file():
         raise ValueError(f"{folder} has no {LABELS} (id2label); export it again with `python -m lit_lora export`.")
     id2label = json.loads(labels_file.read_text())["id2label"]
-    options = {key: adapter[key] for key in ("use_dora", "use_rslora") if adapter.get(key)}
-    targets = adapter["target_modules"]
+    defaults = LoraConfig()
+    options = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(LoraConfig)
+        if field.init and field.name not in MANAGED_LORA_FIELDS and getattr(config, field.name) != getattr(defaults, field.name)
+    }
+    targets = config.target_modules
     return {
-        "model_name_or_path": adapter["base_model_name_or_path"],
+        "model_name_or_path": config.base_model_name_or_path,
         "class_names": [id2label[str(i)] for i in range(len(id2label))],
-        "r": adapter["r"],
-        "lora_alpha": adapter["lora_alpha"],
-        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
-        "lora_dropout": adapter["lora_dropout"],
-        "bias": adapter["bias"],
-        "modules_to_save": adapter.get("modules_to_save"),
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
+        "lora_dropout": config.lora_dropout,
+        "bias": config.bias,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "lora_options": options or None,
     }
 
@@ -120,10 +138,10 @@ def adapter_folder_settings(folder: str | os.PathLike) -> dict:
 def load_adapter_weights(module: LoRAImageClassifier, folder: str | os.PathLike) -> None:
     """Load an adapter folder's weights into ``module`` (built with `adapter_folder_settings`), via PEFT."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft.utils import load_peft_weights
 
     try:
-        result = set_peft_model_state_dict(module.model, load_file(Path(folder) / ADAPTER_WEIGHTS))
+        result = set_peft_model_state_dict(module.model, load_peft_weights(str(folder), device="cpu"))
     except RuntimeError as err:  # torch's "size mismatch for ...": another label set or LoRA rank
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
         raise ValueError(

@@ -198,8 +198,10 @@ class ImageDataset(torch.utils.data.Dataset):
         on_bad_image: str = "skip",
         encoded: bool = False,
         replace_unreadable: bool = False,
+        with_path: bool = False,
     ) -> None:
         self.table = table
+        self.with_path = with_path
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.encoded = encoded
@@ -237,13 +239,15 @@ class ImageDataset(torch.utils.data.Dataset):
                 encoded = self.table.read_bytes(i)
                 if encoded is not None:
                     data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-                    return {"encoded": data, "source": self.table.describe(i), "labels": self.table.labels[i], "index": i}
+                    item = {"encoded": data, "source": self.table.describe(i), "labels": self.table.labels[i], "index": i}
+                    return {**item, "path": item["source"]} if self.with_path else item
             if seed is None:
                 pixels = self.transform(image)
             else:
                 with seeded_cpu_rng(seed):
                     pixels = self.transform(image)
-        return {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
+        item = {"pixel_values": pixels, "labels": self.table.labels[i], "index": i}
+        return {**item, "path": self.table.describe(i)} if self.with_path else item
 
 
 def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -256,6 +260,8 @@ def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     if good:
         encoded_at = [n for n, item in enumerate(good) if "encoded" in item]
         batch = torch.utils.data.default_collate([{"labels": item["labels"], "index": item["index"]} for item in good])
+        if "path" in good[0]:
+            batch["path"] = [item.get("path", item.get("source")) for item in good]
         decoded = [item["pixel_values"] for item in good if "pixel_values" in item]
         if decoded:
             batch["pixel_values"] = torch.utils.data.default_collate(decoded)  # in workers: into shared memory

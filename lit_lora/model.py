@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from lit_lora import demo
+from lit_lora import demo, log
 from lit_lora.checkpoint_contents import (
     gradients_to_save,
     layout_problem,
@@ -27,6 +28,26 @@ from lit_lora.schedules import build_scheduler, scheduler_problems
 from lit_lora.transforms import ImageSettings, load_image_settings, normalize
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _expected_load_report_dropped() -> Iterator[None]:
+    """Leave out transformers' load report while lit_lora loads a base model: it lists the classifier head that
+    lit_lora replaces on purpose (MISSING, or MISMATCH for a base with its own head), which is expected, on every
+    construction and every ``load_from_checkpoint``. Only this call's report is dropped (a filter on transformers'
+    own logger, removed at once); errors still raise."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def load_base_model(model_name_or_path: str, class_names: Sequence[str]) -> torch.nn.Module:
     """Load a transformers image classifier with a fresh head for ``class_names`` (the guide's call).
 
@@ -37,13 +58,14 @@ def load_base_model(model_name_or_path: str, class_names: Sequence[str]) -> torc
 
     label2id = {name: i for i, name in enumerate(class_names)}
     try:
-        return AutoModelForImageClassification.from_pretrained(
-            demo.resolve(model_name_or_path),
-            num_labels=len(class_names),
-            label2id=label2id,
-            id2label={i: name for name, i in label2id.items()},
-            ignore_mismatched_sizes=True,
-        )
+        with _expected_load_report_dropped():
+            return AutoModelForImageClassification.from_pretrained(
+                demo.resolve(model_name_or_path),
+                num_labels=len(class_names),
+                label2id=label2id,
+                id2label={i: name for name, i in label2id.items()},
+                ignore_mismatched_sizes=True,
+            )
     except OSError as err:
         raise ValueError(
             f"model {model_name_or_path!r} could not be loaded: {err}. Use a hub id that is in the local cache "
@@ -58,8 +80,56 @@ def load_base_model(model_name_or_path: str, class_names: Sequence[str]) -> torc
         raise
 
 
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """``(pixel_values, labels, extras)`` of a batch in any form `LoRAImageClassifier` takes.
+
+    Takes a mapping with ``pixel_values`` (and ``labels``; ``index`` and ``path`` are passed through as extras), as
+    `ImageClassificationDataModule` and transformers' collators give, or a tuple/list ``(pixel_values, labels)`` as
+    torchvision's ``ImageFolder`` gives.
+
+    Raises:
+        TypeError: the batch is neither, saying what it got and what is taken.
+    """
+    if isinstance(batch, Mapping) and isinstance(batch.get("pixel_values"), torch.Tensor):
+        extras = {key: batch[key] for key in ("index", "path") if key in batch}
+        return batch["pixel_values"], batch.get("labels"), extras
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], torch.Tensor):
+        return batch[0], (batch[1] if len(batch) == 2 else None), {}
+    got = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+    if isinstance(batch, (tuple, list)):
+        got += f" of {len(batch)} ({', '.join(type(item).__name__ for item in batch[:4])})"
+    raise TypeError(
+        f"LoRAImageClassifier got {got} as a batch; it takes a dict with 'pixel_values' (N, 3, H, W: uint8 0-255, or "
+        "floats normalised by the image processor) and 'labels' (N, int), or a tuple (pixel_values, labels)."
+    )
+
+
 class LoRAImageClassifier(pl.LightningModule):
-    """Fine-tune a transformers image classifier with LoRA: only the adapters and the head are trained."""
+    """Fine-tune a transformers image classifier with LoRA: only the adapters and the head are trained.
+
+    Batches (any of these, from any loader):
+
+    - a dict: ``pixel_values`` (N, 3, H, W) as uint8 0-255 (normalised here, on the device, with the image
+      processor's mean and std) or as floats already normalised (the image processor's own output); ``labels``
+      (N,) class ids; optionally ``index`` and ``path``, which ``predict`` hands back with the probabilities;
+    - a tuple or list ``(pixel_values, labels)``, as torchvision's ``ImageFolder`` yields (``labels`` may be left
+      out for ``predict``).
+
+    Anything else stops at the first batch with a `TypeError` that says what it got. H and W are the processor's
+    crop size (``image_settings.crop``). ``predict_step`` returns ``{"probs": (N, classes)}`` plus the batch's
+    ``index``/``path``.
+
+    Example::
+
+        import lightning as L
+        from torch.utils.data import DataLoader
+        from torchvision import datasets, transforms
+
+        model = LoRAImageClassifier("google/vit-base-patch16-224-in21k", class_names=["pizza", "sushi"])
+        to_uint8 = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.PILToTensor()])
+        loader = DataLoader(datasets.ImageFolder("photos/train", transform=to_uint8), batch_size=32, shuffle=True)
+        L.Trainer(max_epochs=3).fit(model, loader)
+    """
 
     def __init__(
         self,
@@ -172,17 +242,15 @@ class LoRAImageClassifier(pl.LightningModule):
         return self.model(pixel_values=pixel_values).logits
 
     def on_fit_start(self) -> None:
-        rank_zero_info(f"[lit_lora] {trainable_summary(self.model)}")
+        log.info(f"[lit_lora] {trainable_summary(self.model)}")
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if "pixel_values" not in batch:
-            raise ValueError(
-                f"training batch {batch_idx} holds no images (keys: {sorted(batch)}); give batches with pixel_values "
-                "(the data module replaces unreadable training images by readable ones, so its batches always have some)."
-            )
-        logits = self(batch["pixel_values"])
-        loss = F.cross_entropy(logits, batch["labels"])
-        self.train_metrics.update(logits, batch["labels"])
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        pixel_values, labels, _ = unpack_batch(batch)
+        if labels is None:
+            raise TypeError("LoRAImageClassifier needs labels to train: give batches as {'pixel_values', 'labels'} or (pixel_values, labels).")
+        logits = self(pixel_values)
+        loss = F.cross_entropy(logits, labels)
+        self.train_metrics.update(logits, labels)
         self.log("train/loss", loss)  # not on the progress bar: that would sync with the device every step
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         self._last_loss = (loss.detach(), batch_idx)
@@ -200,14 +268,17 @@ class LoRAImageClassifier(pl.LightningModule):
                 "or broken input images. Resume from the last good checkpoint with --ckpt_path."
             )
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
-        if "pixel_values" not in batch:
-            return
-        logits = self(batch["pixel_values"])
-        loss = F.cross_entropy(logits, batch["labels"])
-        getattr(self, f"{stage}_confusion").update(logits.argmax(dim=-1), batch["labels"])
-        loss_metric.update(loss, weight=batch["labels"].numel())
-        metrics.update(logits, batch["labels"])
+    def _evaluate(self, batch: Any, metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
+        if isinstance(batch, Mapping) and "pixel_values" not in batch and "skipped" in batch:
+            return  # the data module's batch whose every image was unreadable (listed in the skipped-images report)
+        pixel_values, labels, _ = unpack_batch(batch)
+        if labels is None:
+            raise TypeError(f"LoRAImageClassifier needs labels to {stage}: give batches as {{'pixel_values', 'labels'}} or (pixel_values, labels).")
+        logits = self(pixel_values)
+        loss = F.cross_entropy(logits, labels)
+        getattr(self, f"{stage}_confusion").update(logits.argmax(dim=-1), labels)
+        loss_metric.update(loss, weight=labels.numel())
+        metrics.update(logits, labels)
         self.log(f"{stage}/loss", loss_metric, prog_bar=True)
         self.log_dict(metrics, prog_bar=True)
 
@@ -217,17 +288,18 @@ class LoRAImageClassifier(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_loss, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, self.test_loss, "test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
-        """Class probabilities of each image, with its index in the prediction set."""
-        if "pixel_values" not in batch:
-            return None
-        return {"index": batch["index"], "probs": self(batch["pixel_values"]).float().softmax(dim=-1)}
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        """``{"probs": (N, classes)}``, with the batch's ``index`` and ``path`` when it carries them."""
+        if isinstance(batch, Mapping) and "pixel_values" not in batch and "skipped" in batch:
+            return None  # every image of the data module's batch was unreadable
+        pixel_values, _, extras = unpack_batch(batch)
+        return {"probs": self(pixel_values).float().softmax(dim=-1), **extras}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters, with a per-step ``transformers`` schedule (linear decay by default)."""
@@ -251,6 +323,22 @@ class LoRAImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # ---- checkpoints: trainable weights only -------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load weights; the frozen base may be absent (checkpoints hold the trainable weights only, the base comes
+        from ``model_name_or_path``), so only missing trainable weights count as missing: ``load_from_checkpoint``
+        then has nothing to warn about."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        frozen_missing = [key for key in result.missing_keys if key not in trainable]
+        for key in frozen_missing:
+            result.missing_keys.remove(key)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        return result
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights that training changes (adapters and ``modules_to_save``), keyed as in ``state_dict()``."""

@@ -9,8 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_lora import log
 from lit_lora.files import write_text
 
 
@@ -63,7 +64,7 @@ class ThroughputLogger(pl.Callback):
         seconds = self._now(pl_module) - self.fit_started
         self.summary.update(fit_images=self.fit_images, fit_seconds=seconds, fit_images_per_sec=self.fit_images / max(seconds, 1e-9))
         memory = f"; peak GPU memory {self.summary['peak_gpu_memory_gb']:.1f} GB" if "peak_gpu_memory_gb" in self.summary else ""
-        rank_zero_info(
+        log.info(
             f"[lit_lora] fit: {self.fit_images} training images in {seconds:.1f} s (validation included): "
             f"{self.summary['fit_images_per_sec']:.0f} images/s{memory}"
         )
@@ -77,7 +78,7 @@ class ThroughputLogger(pl.Callback):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = self._now(pl_module) - self.started
         self.summary.update(predict_images=self.images, predict_seconds=seconds, predict_images_per_sec=self.images / max(seconds, 1e-9))
-        rank_zero_info(f"[lit_lora] predict: {self.images} images in {seconds:.1f} s: {self.summary['predict_images_per_sec']:.0f} images/s")
+        log.info(f"[lit_lora] predict: {self.images} images in {seconds:.1f} s: {self.summary['predict_images_per_sec']:.0f} images/s")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.val_images, self.val_started = 0, self._now(pl_module)
@@ -90,7 +91,7 @@ class ThroughputLogger(pl.Callback):
             return
         seconds = self._now(pl_module) - self.val_started
         self.summary.update(validate_images=self.val_images, validate_images_per_sec=self.val_images / max(seconds, 1e-9))
-        rank_zero_info(f"[lit_lora] validate: {self.val_images} images in {seconds:.1f} s: {self.summary['validate_images_per_sec']:.0f} images/s")
+        log.info(f"[lit_lora] validate: {self.val_images} images in {seconds:.1f} s: {self.summary['validate_images_per_sec']:.0f} images/s")
 
 
 class SkippedImagesReport(pl.Callback):
@@ -161,7 +162,7 @@ class EvaluationReport(pl.Callback):
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
         self.folder = write_report(confusion, list(pl_module.class_names), log_dir / f"{name}_report", name, metrics)
-        rank_zero_info(f"[lit_lora] {name} report (per-class metrics, confused pairs, confusion matrix): {self.folder}")
+        log.info(f"[lit_lora] {name} report (per-class metrics, confused pairs, confusion matrix): {self.folder}")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
@@ -218,4 +219,4 @@ class RunSummary(pl.Callback):
             curves = plot_training_curves(log_dir / "metrics.csv", log_dir / "training_curves.png")
             if curves is not None:
                 lines.append(f"  training curves: {curves}")
-        rank_zero_info("\n".join(lines))
+        log.info("\n".join(lines))

@@ -9,15 +9,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 
+from lit_lora import log
 from lit_lora.files import atomic_write
 
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predictions.csv``: ``path,label,score`` and the next best labels with their probabilities.
 
-    One row per image, in sorted path order. Under DDP every process writes its share to a part file and
+    One row per image, in the prediction set's order (sorted paths, with the data module). The path column is the
+    batch's ``path`` when it carries one, else the data module's name for the row, else the row's number; any
+    batch form `LoRAImageClassifier` takes works. Under DDP every process writes its share to a part file and
     process 0 merges them, dropping the duplicates the distributed sampler pads with.
     """
 
@@ -47,11 +49,22 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         part = path.with_name(f".{path.name}.rank{trainer.global_rank}.pt")
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        batches = [b for b in batches if b is not None]  # batches whose images were all unreadable
-        torch.save(
-            {key: torch.cat([b[key].cpu() for b in batches]) for key in ("index", "probs")} if batches else {},
-            part,
-        )
+        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        rows: dict[str, list] = {"index": [], "probs": [], "path": []}
+        for n, batch in enumerate(batches):
+            if batch is None:  # every image of the batch was unreadable
+                continue
+            count = len(batch["probs"])
+            if "index" in batch:
+                index = [int(i) for i in batch["index"]]
+            elif indices and n < len(indices) and indices[n] is not None and len(indices[n]) == count:
+                index = [int(i) for i in indices[n]]  # the sampler's dataset indices (Lightning tracks them)
+            else:
+                index = list(range(len(rows["index"]), len(rows["index"]) + count))
+            rows["index"] += index
+            rows["probs"] += list(batch["probs"].float().cpu())
+            rows["path"] += [str(p) for p in batch["path"]] if "path" in batch else [None] * count
+        torch.save(rows, part)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             parts = [path.with_name(f".{path.name}.rank{r}.pt") for r in range(trainer.world_size)]
@@ -59,13 +72,13 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
 
     def _merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, parts: list[Path], path: Path) -> None:
-        rows: dict[int, torch.Tensor] = {}
+        rows: dict[int, tuple[torch.Tensor, str | None]] = {}
         for part in parts:
             chunk = torch.load(part, weights_only=True)
-            for index, probs in zip(chunk.get("index", []), chunk.get("probs", [])):
-                rows[int(index)] = probs  # padded duplicates carry the same image: keep one
+            for index, probs, where in zip(chunk["index"], chunk["probs"], chunk["path"]):
+                rows[int(index)] = (probs, where)  # padded duplicates carry the same image: keep one
             part.unlink()
-        table = trainer.datamodule.predict_table
+        table = getattr(trainer.datamodule, "predict_table", None) if trainer.datamodule is not None else None
         names = pl_module.class_names
         k = min(self.top_k, len(names))
         header = ["path", "label", "score"] + [f"{col}_{i}" for i in range(2, k + 1) for col in ("label", "score")]
@@ -74,11 +87,12 @@ class PredictionWriter(BasePredictionWriter):
             writer = csv.writer(f)
             writer.writerow(header)
             for index in sorted(rows):
-                scores, ids = rows[index].float().topk(k)
-                cells = [table.describe(index)]
+                probs, where = rows[index]
+                scores, ids = probs.float().topk(k)
+                cells = [where or (table.describe(index) if table is not None else str(index))]
                 for score, label in zip(scores.tolist(), ids.tolist()):
                     cells += [names[label], f"{score:.6f}"]
                 writer.writerow(cells)
 
         atomic_write(path, write)
-        rank_zero_info(f"[lit_lora] wrote {len(rows)} predictions to {path}")
+        log.info(f"[lit_lora] wrote {len(rows)} predictions to {path}")

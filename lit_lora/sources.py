@@ -7,9 +7,10 @@ report them (and the CLI can link them into the model) at construction time.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lit_lora.images import IMAGE_EXTENSIONS, FileTable, HFTable, ImageTable
 from lit_lora.splits import slice_indices

@@ -7,11 +7,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_cli import common_args
 
 from lit_lora.cli import cli_main
 from lit_lora.files import TMP_MARK
-
-from test_cli import common_args
 
 
 class StopAfterFirstEpoch(pl.Callback):

@@ -143,3 +143,28 @@ def test_help_describes_the_projects_options() -> None:
     assert "--model.r R LoRA rank." in text
     assert "in `datasets` slicing syntax" in text
     assert "--checkpoint.monitor MONITOR metric that ranks checkpoints." in text
+    # lit_lora's own options come first, one line each: every --data.* and --model.* option in the first 60 lines.
+    head = result.stdout.splitlines()[:60]
+    import inspect
+
+    from lit_lora import Food101DataModule, LoRAImageClassifier
+
+    for group, cls in (("model", LoRAImageClassifier), ("data", Food101DataModule)):
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        if cls is Food101DataModule:
+            names |= set(inspect.signature(cls.__mro__[1].__init__).parameters) - {"self"}
+        names -= {"class_names"} if group == "model" else {"image_processor"}  # linked, not set on their own
+        for name in names:
+            assert any(line.strip().startswith(f"--{group}.{name}") for line in head), f"--{group}.{name}"
+    assert not any(line.rstrip().endswith(("e.g.", "your", "Useful to")) for line in head)  # whole sentences
+
+
+def test_top_level_help_and_errors_name_every_subcommand() -> None:
+    top = subprocess.run([sys.executable, "-m", "lit_lora", "--help"], capture_output=True, text=True, check=True).stdout
+    assert top.startswith("usage: python -m lit_lora [-h] [-c CONFIG] {fit,validate,test,predict,export}")
+    for name in ("fit", "validate", "test", "predict", "export"):
+        assert f"\n  {name} " in top
+    wrong = subprocess.run([sys.executable, "-m", "lit_lora", "fitt"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "export" in wrong.stderr
+    export = subprocess.run([sys.executable, "-m", "lit_lora", "export", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "Lightning Trainer command line tool" not in export and "PEFT adapter folder" in export

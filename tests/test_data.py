@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES
 from PIL import Image
 from torchvision import transforms as T
 
@@ -15,8 +16,6 @@ from lit_lora import Food101DataModule
 from lit_lora.images import to_rgb
 from lit_lora.sources import open_hf_dataset, open_local_folder
 from lit_lora.splits import slice_indices, stratified_split
-
-from conftest import CLASSES
 
 
 def test_food101_archive_layout_is_detected(food101_dir: str) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from test_cli import common_args
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]

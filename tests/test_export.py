@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_cli import common_args
 
 from lit_lora.cli import cli_main
 from lit_lora.export import load_module, save_adapter_folder
 from lit_lora.transforms import eval_transform
-
-from test_cli import common_args
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_cli import common_args
 
 from lit_lora.cli import cli_main
-
-from test_cli import common_args
 
 
 def tiny_family(name: str, folder: Path) -> tuple[tuple[int, int], list[str]]:

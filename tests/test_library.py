@@ -69,9 +69,9 @@ def test_adapter_checkpoint_leaves_signals_and_random_state_alone(tmp_path: Path
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "reduce_lr_on_plateau"])
 def test_learning_rate_schedules(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
-    from lit_lora.cli import cli_main
-
     from test_cli import common_args
+
+    from lit_lora.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--model.lr_scheduler_type={name}", "--model.warmup_steps=2", "--trainer.max_epochs=2"])

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import common_args
 
 from lit_lora import Food101DataModule
 from lit_lora.cli import cli_main
 from lit_lora.images import BadImageError
-
-from test_cli import common_args
 
 BAD = {"tomato/0001": "truncated", "matcha/0002": "empty", "banana/0003": "text"}
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +118,7 @@ def test_odd_image_modes_train_as_rgb(tmp_path: Path, tiny_vit: str, kind: str) 
                 image.info["transparency"] = 0
                 image.save(f"{path}.png", transparency=0)
             elif kind == "sixteen_bit":
-                Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(f"{path}.png")
+                Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(f"{path}.png")
             elif kind == "exif_rotated":
                 exif = rgb.getexif()
                 exif[0x0112] = 6

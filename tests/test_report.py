@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import common_args
 
 from lit_lora.cli import cli_main
 from lit_lora.report import cluster_order, confused_pairs, per_class_metrics
-
-from test_cli import common_args
 
 
 def test_fit_then_validate_and_test_write_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tiny_vit: str, food101_dir: str) -> None:

@@ -16,11 +16,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_cli import common_args
 
 from lit_lora.cli import cli_main
 from lit_lora.files import TMP_MARK, OutputError
-
-from test_cli import common_args
 
 TESTS = Path(__file__).parent
 

@@ -1,0 +1,241 @@
+"""lit_lora's modules in other people's Lightning code, with public APIs only: their batches and loaders, stock
+PEFT and transformers loading of what lit_lora writes, and no change to the process's state."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_lora import Food101DataModule, LoRAImageClassifier
+from lit_lora.export import export, load_module, save_adapter_folder
+from lit_lora.transforms import eval_transform
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_imagefolder_tuple_batches_train_validate_and_predict(class_folders_dir: str, tiny_vit: str) -> None:
+    """torchvision's ImageFolder yields (image, label) tuples: lit_lora trains on them (it did nothing before)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    to_uint8 = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.PILToTensor()])
+    folder = datasets.ImageFolder(class_folders_dir, transform=to_uint8)
+    loader = DataLoader(folder, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = LoRAImageClassifier(tiny_vit, class_names=folder.classes, learning_rate=0.01)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    fit = trainer(max_epochs=2, log_every_n_steps=1)
+    fit.fit(model, loader, DataLoader(folder, batch_size=8))
+    after = model.trainable_state_dict()
+    assert fit.global_step == 6 and all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k or "classifier" in k)
+    assert 0.0 <= float(fit.callback_metrics["val/acc"]) <= 1.0
+    predictions = fit.predict(model, DataLoader(folder, batch_size=8))
+    assert [p["probs"].shape for p in predictions] == [(8, 4), (8, 4), (8, 4)]
+    torch.testing.assert_close(predictions[0]["probs"].sum(-1), torch.ones(8))
+
+
+def test_a_batch_of_another_kind_is_a_one_line_type_error(tiny_vit: str) -> None:
+    model = LoRAImageClassifier(tiny_vit, class_names=["a", "b"])
+    for batch, said in ((["no", "tensors"], "a list of 2 (str, str)"), ({"image": torch.zeros(2, 3, 32, 32)}, "a dict with keys ['image']")):
+        with pytest.raises(TypeError, match=rf"got {re.escape(said)} as a batch; it takes a dict with .pixel_values.") as caught:
+            model.training_step(batch, 0)
+        assert "\n" not in str(caught.value)
+
+
+def test_predict_takes_plain_dict_batches_without_index(tiny_vit: str, food101_dir: str) -> None:
+    from torch.utils.data import DataLoader
+
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    model = LoRAImageClassifier(tiny_vit, class_names=["a", "b", "c"])
+    out = trainer().predict(model, DataLoader([{"pixel_values": x} for x in images], batch_size=2))
+    assert [o["probs"].shape[0] for o in out] == [2, 2, 1] and set(out[0]) == {"probs"}
+    # lit_lora's data module names each prediction's file, in its batches and publicly.
+    data = Food101DataModule(data_dir=food101_dir, predict_dir=f"{food101_dir}/images/tomato", num_workers=0, image_processor=tiny_vit, batch_size=4)
+    paths = data.predict_paths
+    batches = trainer().predict(LoRAImageClassifier(tiny_vit, class_names=data.class_names), datamodule=data)
+    assert [p for b in batches for p in b["path"]] == paths == sorted(str(p) for p in Path(food101_dir, "images", "tomato").glob("*.jpg"))
+
+
+def test_the_data_module_feeds_a_plain_torchvision_model(food101_dir: str, tiny_vit: str) -> None:
+    """Its batches are a documented dict (uint8 pixel_values, labels): any LightningModule can use them."""
+    from torchvision.models import mobilenet_v3_small
+
+    class Plain(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mobilenet_v3_small(num_classes=4)
+
+        def training_step(self, batch, batch_idx):
+            x = batch["pixel_values"].float().div(255)
+            return torch.nn.functional.cross_entropy(self.net(x), batch["labels"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, image_processor=tiny_vit, batch_size=8)
+    model = Plain()
+    before = model.net.classifier[-1].weight.clone()
+    run = trainer(max_steps=3, limit_val_batches=0)
+    run.fit(model, datamodule=data)
+    assert run.global_step == 3 and not torch.equal(before, model.net.classifier[-1].weight)
+
+
+# ---- what lit_lora writes, loaded by stock tools ------------------------------------------------------------
+
+
+def base_model(kind: str, folder: Path) -> str:
+    """A tiny ViT without a head (like google/vit-base-patch16-224-in21k) or a DeiT with its own 10-class head."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8)
+    if kind == "vit":
+        tf.ViTModel(tf.ViTConfig(**small)).save_pretrained(folder)
+        tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    else:
+        tf.DeiTForImageClassification(tf.DeiTConfig(num_labels=10, **small)).save_pretrained(folder)
+        tf.DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def trained_like(model: LoRAImageClassifier, seed: int = 1) -> LoRAImageClassifier:
+    """Random trainable weights, as after training (fresh LoRA B matrices are zero: they would hide mistakes)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w) in enumerate([(40, 60), (64, 48), (50, 50)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=95)
+        paths.append(str(folder / f"{i}.jpg"))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit"])
+def test_the_stock_loading_forms_predict_what_lit_lora_predicts(kind: str, tmp_path: Path, pictures: list[str]) -> None:
+    from peft import AutoPeftModel, PeftConfig, PeftModel
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+    from transformers.image_utils import load_image
+
+    base = base_model(kind, tmp_path / "base")
+    module = trained_like(LoRAImageClassifier(base, class_names=["tomato", "matcha", "blueberry", "banana"]))
+    adapter = save_adapter_folder(module, tmp_path / "adapter")
+    merged = export(str(adapter), str(tmp_path / "merged"), merge=True)
+    ours = load_module(adapter)
+    with torch.no_grad():
+        expected = ours(torch.stack([eval_transform(ours.image_settings)(Image.open(p)) for p in pictures])).softmax(-1)
+
+    labels = json.loads((adapter / "labels.json").read_text())
+    id2label, label2id = {int(i): n for i, n in labels["id2label"].items()}, labels["label2id"]
+    head = dict(id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)  # a base with its own head needs the last
+    inputs = AutoImageProcessor.from_pretrained(str(adapter))([load_image(p) for p in pictures], return_tensors="pt")
+
+    def probs(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(**inputs).logits.softmax(-1)
+
+    def piped(classify) -> torch.Tensor:
+        rows = [{r["label"]: r["score"] for r in classify(p, top_k=4)} for p in pictures]
+        return torch.tensor([[row[id2label[i]] for i in range(4)] for row in rows])
+
+    base_again = AutoModelForImageClassification.from_pretrained(PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path, **head)
+    forms = {
+        "PeftModel.from_pretrained": probs(PeftModel.from_pretrained(base_again, str(adapter))),
+        "AutoModelForImageClassification.from_pretrained(adapter)": probs(AutoModelForImageClassification.from_pretrained(str(adapter), **head)),
+        "AutoPeftModel.from_pretrained": probs(AutoPeftModel.from_pretrained(str(adapter), **head)),
+        "pipeline(adapter)": piped(pipeline("image-classification", model=str(adapter), image_processor=str(adapter), model_kwargs=head)),
+        "pipeline(merged)": piped(pipeline("image-classification", model=str(merged))),
+    }
+    for name, theirs in forms.items():
+        assert torch.equal(theirs.argmax(-1), expected.argmax(-1)), name
+        torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0, msg=name)
+
+
+def test_every_lora_option_survives_the_adapter_folder(tmp_path: Path, tiny_vit: str) -> None:
+    """Reloading goes through PEFT's own config: alpha_pattern and rank_pattern come back (logits were 0.085 off)."""
+    options = {"alpha_pattern": {"q_proj": 64}, "rank_pattern": {"v_proj": 4}, "use_rslora": True}
+    module = trained_like(LoRAImageClassifier(tiny_vit, class_names=["a", "b", "c"], lora_options=options))
+    folder = save_adapter_folder(module, tmp_path / "adapter")
+    again = load_module(folder)
+    assert again.hparams.lora_options == options
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels), module(pixels), atol=1e-6, rtol=0)
+
+
+# ---- no side effects ----------------------------------------------------------------------------------------
+
+
+def test_a_fit_with_the_public_classes_changes_no_process_state(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """In a fresh interpreter (a notebook's, say) that has imported Lightning and transformers: the matplotlib
+    backend, umask, logging handlers, warnings filters and signal handlers are the same after importing lit_lora and
+    a fit with AdapterCheckpoint and lit_lora's reports as before, and no figure is left open in pyplot."""
+    script = f"""
+import logging, os, signal, sys, warnings
+import matplotlib
+matplotlib.use("svg")
+def umask():
+    return [l for l in open("/proc/self/status") if l.startswith("Umask")]
+def state():
+    loggers = {{n: list(logging.getLogger(n).handlers) for n in ("", "lit_lora", "lightning.pytorch", "transformers")}}
+    return (matplotlib.get_backend(), umask(), loggers, list(warnings.filters), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+import lightning.pytorch as pl, transformers, peft, torchvision  # their own import-time setup is theirs
+before = state()
+from lit_lora import AdapterCheckpoint, Food101DataModule, LoRAImageClassifier
+from lit_lora.report import plot_training_curves, write_report
+import numpy as np
+data = Food101DataModule(data_dir={food101_dir!r}, train_split="train", num_workers=0, image_processor={tiny_vit!r}, batch_size=8)
+model = LoRAImageClassifier({tiny_vit!r}, class_names=data.class_names)
+trainer = pl.Trainer(accelerator="cpu", max_epochs=1, default_root_dir={str(tmp_path)!r}, enable_progress_bar=False, callbacks=[AdapterCheckpoint()])
+trainer.fit(model, datamodule=data)
+run = trainer.log_dir
+write_report(np.eye(4, dtype=int) * 3, data.class_names, __import__("pathlib").Path(run) / "report", "validate", {{"val/acc": 1.0}})
+plot_training_curves(__import__("pathlib").Path(run) / "metrics.csv", __import__("pathlib").Path(run) / "curves.png")
+after = state()
+assert os.path.isfile(os.path.join(run, "report", "confusion_matrix.png")), os.listdir(run)
+for name, a, b in zip(("backend", "umask", "logging handlers", "warnings filters", "SIGINT", "SIGTERM"), before, after):
+    assert a == b, (name, a, b)
+import matplotlib.pyplot as plt
+assert plt.get_fignums() == []  # no figure left in pyplot's list
+print("unchanged")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("unchanged"), result.stderr[-3000:]
+
+
+def test_load_from_checkpoint_says_nothing_about_the_frozen_weights(tmp_path: Path, tiny_vit: str, food101_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, image_processor=tiny_vit, batch_size=8)
+    model = LoRAImageClassifier(tiny_vit, class_names=data.class_names)
+    run = trainer(max_steps=1, limit_val_batches=0)
+    run.fit(model, datamodule=data)
+    run.save_checkpoint(tmp_path / "model.ckpt")
+    caplog.set_level("INFO")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = LoRAImageClassifier.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=False)
+    said = caplog.text + "".join(str(w.message) for w in caught)
+    for noise in ("Found keys", "LOAD REPORT", "MISSING", "frozen"):
+        assert noise not in said, noise
+    assert all(torch.equal(v, again.trainable_state_dict()[k]) for k, v in model.trainable_state_dict().items())
