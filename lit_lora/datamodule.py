@@ -178,6 +178,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.cache_short_side = cache_short_side
         self.on_bad_image = on_bad_image
         self.skipped_images: dict[str, str] = {}  # file -> reason, filled as batches arrive
+        self.image_warnings: dict[str, str] = {}  # file -> what the decoder said about a file it read anyway
 
         self.image_settings = load_image_settings(demo.resolve(image_processor)) if image_processor else ImageSettings()
         self._check()
@@ -399,6 +400,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """Collect the names of unreadable images, and count the training batches of the epoch (for `state_dict`)."""
         for path, reason in batch.pop("skipped", []):
             self.skipped_images.setdefault(path, reason)
+        for path, notes in batch.pop("image_warnings", []):
+            self.image_warnings.setdefault(path, notes)
         if self._train_sampler is not None and self.trainer is not None and self.trainer.training:
             epoch = self._train_sampler.epoch
             if epoch != self._progress["epoch"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -234,6 +235,17 @@ class ImageDataset(torch.utils.data.Dataset):
         )
 
     def _read(self, i: int, seed: int | None) -> dict[str, Any]:
+        # What PIL says about a file it still reads (a TIFF tag in an EXIF block "larger than file", say) is
+        # collected with the item and reported once per run, not printed once per image and epoch.
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            item = self._decode(i, seed)
+        if said:
+            notes = "; ".join(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in said))
+            item["image_warnings"] = [(self.table.describe(i), notes)]
+        return item
+
+    def _decode(self, i: int, seed: int | None) -> dict[str, Any]:
         with self.table.read(i) as image:
             if self.encoded and isinstance(image, Image.Image) and image.format == "JPEG" and image.mode in ("RGB", "L"):
                 encoded = self.table.read_bytes(i)
@@ -270,4 +282,5 @@ def collate_skipping_bad_images(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch["encoded_at"] = encoded_at
             batch["encoded_sources"] = [good[n]["source"] for n in encoded_at]
     batch["skipped"] = [pair for item in items for pair in item.get("unreadable", [])]
+    batch["image_warnings"] = [pair for item in items for pair in item.get("image_warnings", [])]
     return batch

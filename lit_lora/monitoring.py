@@ -94,25 +94,44 @@ class ThroughputLogger(pl.Callback):
         log.info(f"[lit_lora] validate: {self.val_images} images in {seconds:.1f} s: {self.summary['validate_images_per_sec']:.0f} images/s")
 
 
+def _gathered(trainer: pl.Trainer, found: dict[str, str]) -> dict[str, str]:
+    """``found`` of every process (a collective under DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, found)
+        return {path: reason for part in gathered for path, reason in part.items()}
+    return found
+
+
 class SkippedImagesReport(pl.Callback):
-    """At the end of every epoch, names the images the data module skipped as unreadable (all processes),
-    and writes the full list to ``skipped_images.txt`` in the run folder."""
+    """At the end of every epoch, names the images the data module skipped as unreadable (all processes), and
+    writes the full list to ``skipped_images.txt`` in the run folder. Images read with a warning from the decoder
+    (PIL's ``Tag data larger than file`` on some Food-101 JPEGs, say) are counted in one line and listed in
+    ``image_warnings.txt``, instead of a warning per image and epoch."""
 
     def __init__(self) -> None:
         self.reported: set[str] = set()
+        self.noted: set[str] = set()
 
     def _report(self, trainer: pl.Trainer) -> None:
-        skipped = dict(getattr(trainer.datamodule, "skipped_images", {}) or {})
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, skipped)
-            skipped = {path: reason for part in gathered for path, reason in part.items()}
+        datamodule = trainer.datamodule
+        skipped = _gathered(trainer, dict(getattr(datamodule, "skipped_images", {}) or {}))
+        odd = _gathered(trainer, dict(getattr(datamodule, "image_warnings", {}) or {}))
         new = {path: reason for path, reason in skipped.items() if path not in self.reported}
+        new_odd = {path: notes for path, notes in odd.items() if path not in self.noted}
         self.reported.update(new)
-        if not new:
+        self.noted.update(new_odd)
+        if not new and not new_odd:
             return
         log_dir = Path(trainer.log_dir or ".")  # a collective under DDP: every process asks
         if not trainer.is_global_zero:
+            return
+        if new_odd:
+            listing = log_dir / "image_warnings.txt"
+            write_text(listing, "".join(f"{path}\t{notes}\n" for path, notes in sorted(odd.items())))
+            example = next(iter(new_odd.values()))
+            log.info(f"[lit_lora] {len(odd)} image(s) read with a warning from the decoder (e.g. {example}); listed in {listing}")
+        if not new:
             return
         listing = log_dir / "skipped_images.txt"
         write_text(listing, "".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items())))
@@ -197,6 +216,11 @@ class RunSummary(pl.Callback):
             return
         from lit_lora.report import human_size, plot_training_curves
 
+        bar = trainer.progress_bar_callback
+        if bar is not None:
+            # Let the progress bar draw its last frame now (its own teardown, which Lightning calls again later and
+            # which then does nothing): drawn after the summary, it would overwrite the summary's last lines.
+            bar.teardown(trainer, pl_module, "fit")
         lines = ["[lit_lora] fit finished"]
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_path:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,51 @@ def test_configuration_problems_are_reported_together(tmp_path: Path) -> None:
     assert "5 problem(s) in the configuration" in result.stderr
     for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "num_workers must be 0 or more", "no.ckpt' does not exist"):
         assert fragment in result.stderr
+
+
+def test_the_end_of_fit_summary_stays_intact_in_a_real_terminal(tmp_path: Path) -> None:
+    """In a 120-column terminal (tmux), the progress bar's last frame is drawn before the summary, not over it."""
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux for a real terminal")
+    session = f"lit_lora_{os.getpid()}"
+    command = f"cd {tmp_path} && HF_HUB_OFFLINE=1 {sys.executable} -m lit_lora fit --config {REPO / 'configs' / 'demo.yaml'} --trainer.max_epochs=2; echo FINISHED-$?; sleep 60"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "50", command], check=True, env={**os.environ, "TERM": "xterm-256color"})
+    try:
+        screen = ""
+        for _ in range(240):
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session, "-S", "-100"], capture_output=True, text=True).stdout
+            if "FINISHED-" in screen:
+                break
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert "FINISHED-0" in screen, screen
+    lines = screen.splitlines()
+    summary = next(i for i, line in enumerate(lines) if "[lit_lora] fit finished" in line)
+    for needed in ("best val/acc", "adapter-last/", "wall time", "training curves: "):
+        assert any(needed in line for line in lines[summary:]), (needed, screen)
+    assert not any("Epoch 1/1" in line for line in lines[summary:]), screen  # no progress frame after the summary
+
+
+def test_decoder_warnings_are_counted_once_not_printed_per_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, food101_dir: str, tiny_vit: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A file PIL reads with a warning (here: above MAX_IMAGE_PIXELS, below the error limit) is listed in
+    image_warnings.txt with one line in the log, instead of a warning per image."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from lit_lora import LoRAImageClassifier
+    from lit_lora.monitoring import SkippedImagesReport
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 48x48 images: over the limit, under twice it
+    caplog.set_level("INFO")
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, num_workers=0, image_processor=tiny_vit)
+    model = LoRAImageClassifier(tiny_vit, class_names=data.class_names)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, callbacks=[SkippedImagesReport()])
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        trainer.validate(model, datamodule=data)
+    assert not [w for w in escaped if issubclass(w.category, Image.DecompressionBombWarning)]
+    listing = (tmp_path / "image_warnings.txt").read_text().splitlines()
+    assert len(listing) == 12 and all("DecompressionBombWarning" in line for line in listing)
+    assert caplog.text.count("image(s) read with a warning from the decoder") == 1
