@@ -74,3 +74,27 @@ def class_folders_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     for name in CLASSES:
         write_images(root / name, name, 6, rng)
     return str(root)
+
+
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """``python -m lit_lora ARGS`` in this process (its ``main()``, exit code and output), without a new
+    interpreter's 5 s of imports. Returns ``(exit_code, stdout, stderr)``."""
+    import sys
+
+    from lit_lora.__main__ import main
+
+    def run(args: list[str], cwd: Path | None = None) -> tuple[int, str, str]:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["lit_lora", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -143,21 +143,36 @@ def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, tiny_vit
     assert Counter(epoch for epoch, _ in seen) == {0: 36, 1: 36, 2: 36}
 
 
-@pytest.mark.parametrize("batches_done", [2, 4])
-def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, tiny_vit: str, food101_dir: str, batches_done: int) -> None:
-    """The recipe accumulates 4 batches per optimizer step: stopping after 2 batches of a window (or after a whole
-    one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through."""
+def accumulating_fit(tiny_vit: str, food101_dir: str) -> tuple[list[str], dict]:
     import os
-    import subprocess
     import sys
 
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "lit_lora", "fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=4"]
-    (tmp_path / "straight").mkdir()
-    (tmp_path / "stopped").mkdir()
-    straight = subprocess.run(args, cwd=tmp_path / "straight", env=env, capture_output=True, text=True)
+    return args, env
+
+
+@pytest.fixture(scope="module")
+def straight_accumulating_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit: str, food101_dir: str) -> Path:
+    """The recipe's accumulation, 3 epochs straight through (the reference the interrupted runs must equal)."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("straight")
+    args, env = accumulating_fit(tiny_vit, food101_dir)
+    straight = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.parametrize("batches_done", [2, 4])
+def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, tiny_vit: str, food101_dir: str, batches_done: int, straight_accumulating_run: Path) -> None:
+    """The recipe accumulates 4 batches per optimizer step: stopping after 2 batches of a window (or after a whole
+    one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through."""
+    import subprocess
+
+    args, env = accumulating_fit(tiny_vit, food101_dir)
+    (tmp_path / "stopped").mkdir()
     stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}"]
     stopped = subprocess.run(args + stop, cwd=tmp_path / "stopped", env=env, capture_output=True, text=True)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
@@ -169,7 +184,7 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, t
     resumed = subprocess.run(args + [f"--ckpt_path={last}"], cwd=tmp_path / "stopped", env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)
+    a = torch.load(straight_accumulating_run / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)
     b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -137,14 +135,15 @@ def test_recipe_config_is_the_guides() -> None:
     assert recipe["checkpoint"]["monitor"] == "val/acc" and recipe["checkpoint"]["mode"] == "max"
 
 
-def test_help_describes_the_projects_options() -> None:
-    result = subprocess.run([sys.executable, "-m", "lit_lora", "fit", "--help"], capture_output=True, text=True, check=True)
-    text = " ".join(result.stdout.split())  # argparse wraps lines
+def test_help_describes_the_projects_options(run_main) -> None:
+    code, out, _ = run_main(["fit", "--help"])
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
     assert "--model.r R LoRA rank." in text
     assert "in `datasets` slicing syntax" in text
     assert "--checkpoint.monitor MONITOR metric that ranks checkpoints." in text
     # lit_lora's own options come first, one line each: every --data.* and --model.* option in the first 60 lines.
-    head = result.stdout.splitlines()[:60]
+    head = out.splitlines()[:60]
     import inspect
 
     from lit_lora import Food101DataModule, LoRAImageClassifier
@@ -159,12 +158,12 @@ def test_help_describes_the_projects_options() -> None:
     assert not any(line.rstrip().endswith(("e.g.", "your", "Useful to")) for line in head)  # whole sentences
 
 
-def test_top_level_help_and_errors_name_every_subcommand() -> None:
-    top = subprocess.run([sys.executable, "-m", "lit_lora", "--help"], capture_output=True, text=True, check=True).stdout
-    assert top.startswith("usage: python -m lit_lora [-h] [-c CONFIG] {fit,validate,test,predict,export}")
+def test_top_level_help_and_errors_name_every_subcommand(run_main) -> None:
+    code, top, _ = run_main(["--help"])
+    assert code == 0 and top.startswith("usage: python -m lit_lora [-h] [-c CONFIG] {fit,validate,test,predict,export}")
     for name in ("fit", "validate", "test", "predict", "export"):
         assert f"\n  {name} " in top
-    wrong = subprocess.run([sys.executable, "-m", "lit_lora", "fitt"], capture_output=True, text=True)
-    assert wrong.returncode == 2 and "export" in wrong.stderr
-    export = subprocess.run([sys.executable, "-m", "lit_lora", "export", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "Lightning Trainer command line tool" not in export and "PEFT adapter folder" in export
+    code, _, wrong = run_main(["fitt"])
+    assert code == 2 and "export" in wrong
+    code, export, _ = run_main(["export", "--help"])
+    assert code == 0 and "Lightning Trainer command line tool" not in export and "PEFT adapter folder" in export

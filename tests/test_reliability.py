@@ -160,14 +160,14 @@ def run_cli(args: list[str], cwd: Path, offline: bool = True) -> subprocess.Comp
     return subprocess.run([sys.executable, "-m", "lit_lora", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-def test_misspelled_option_says_what_it_may_have_meant(tmp_path: Path) -> None:
-    result = run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.batchsize", "64"], tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_misspelled_option_says_what_it_may_have_meant(tmp_path: Path, run_main) -> None:
+    code, _, err = run_main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.batchsize", "64"], tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert lines[0].startswith("python -m lit_lora") and "unrecognized arguments: --data.batchsize" in lines[0]
     assert "Did you mean --data.batch_size" in lines[0] and len(lines) <= 2  # no page of usage text
-    export = run_cli(["export", "--ckpt_path", "x", "--outputdir", "y"], tmp_path)
-    assert export.returncode == 2 and "Did you mean --output_dir?" in export.stderr and len(export.stderr.strip().splitlines()) <= 2
+    code, _, err = run_main(["export", "--ckpt_path", "x", "--outputdir", "y"], tmp_path)
+    assert code == 2 and "Did you mean --output_dir?" in err and len(err.strip().splitlines()) <= 2
 
 
 def test_missing_relative_model_folder_fails_at_once_even_online(tmp_path: Path) -> None:
@@ -227,18 +227,13 @@ def test_data_problems_are_named(tmp_path: Path, class_folders_dir: str, food101
         module.setup("fit")
 
 
-def test_unreadable_checkpoint_and_unknown_key_are_named(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
-    import subprocess
-    import sys
-
+def test_unreadable_checkpoint_and_unknown_key_are_named(tmp_path: Path, tiny_vit: str, food101_dir: str, run_main) -> None:
     broken = tmp_path / "last.ckpt"
     broken.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
-    env = {"HF_HUB_OFFLINE": "1", "PATH": ""}
-    cwd = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "lit_lora", "validate", *common_args(tiny_vit, food101_dir), f"--ckpt_path={broken}"], capture_output=True, text=True, cwd=cwd, env=env)
-    assert result.returncode == 1 and "is not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "-m", "lit_lora", "fit", "--config", "configs/demo.yaml", "--model.rank=8"], capture_output=True, text=True, cwd=cwd, env=env)
-    assert result.returncode == 2 and "rank" in result.stderr
+    code, _, err = run_main(["validate", *common_args(tiny_vit, food101_dir), f"--ckpt_path={broken}"], REPO)
+    assert code == 1 and "is not a readable checkpoint" in err and "Traceback" not in err
+    code, _, err = run_main(["fit", "--config", "configs/demo.yaml", "--model.rank=8"], REPO)
+    assert code == 2 and "rank" in err
 
 
 def test_configuration_problems_are_reported_together(tmp_path: Path) -> None:

@@ -184,13 +184,13 @@ def test_export_never_replaces_or_deletes_a_file_it_did_not_write(trained: Path,
     assert (out / "model.safetensors").stat().st_mode & 0o777 == fit_mode == (trained / "last.ckpt").stat().st_mode & 0o777
 
 
-def test_export_of_a_truncated_checkpoint_is_one_line(trained: Path, tmp_path: Path) -> None:
+def test_export_of_a_truncated_checkpoint_is_one_line(trained: Path, tmp_path: Path, run_main) -> None:
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes((trained / "last.ckpt").read_bytes()[:5000])
-    result = subprocess.run([sys.executable, "-m", "lit_lora", "export", f"--ckpt_path={broken}", f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 1
-    assert result.stderr.startswith("lit_lora: error: ckpt_path") and "not a readable checkpoint" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 2  # the message and the LIT_LORA_TRACEBACK hint
+    code, _, err = run_main(["export", f"--ckpt_path={broken}", f"--output_dir={tmp_path / 'out'}"])
+    assert code == 1
+    assert err.startswith("lit_lora: error: ckpt_path") and "not a readable checkpoint" in err
+    assert len(err.strip().splitlines()) == 2  # the message and the LIT_LORA_TRACEBACK hint
 
 
 def test_fit_writes_nothing_through_a_tiny_tmpdir(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
