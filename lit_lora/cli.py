@@ -186,6 +186,10 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     hub = hub_problem(name)
     if hub:
         problems.append(hub)
+    if not data_dir and subcommand != "predict":
+        dataset_hub = dataset_hub_problem(data.get("dataset"))
+        if dataset_hub:
+            problems.append(dataset_hub)
     return problems
 
 
@@ -221,20 +225,21 @@ def device_problems(trainer: Any) -> list[str]:
     return problems
 
 
-def hub_problem(name: str, timeout: float = 1.0) -> str | None:
-    """For a hub id that is not in the local cache: whether the hub can be reached, found out within ``timeout``
-    seconds (instead of transformers' minute of retries), with what to do when it cannot."""
+def _offline(*variables: str) -> bool:
     import os
+
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on") for v in variables)
+
+
+def hub_unreachable(timeout: float = 1.0) -> str | None:
+    """The hub's host name when it cannot be reached from here within ``timeout`` seconds (instead of the
+    libraries' minute of retries), else None."""
     import socket
     import threading
     from urllib.parse import urlparse
 
-    if not name or _looks_local(name) or "://" in name or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return None
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None  # cached: transformers loads it without the network
     endpoint = urlparse(constants.ENDPOINT)
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
     reached: list[bool] = []
@@ -249,7 +254,19 @@ def hub_problem(name: str, timeout: float = 1.0) -> str | None:
     probe = threading.Thread(target=connect, daemon=True)  # DNS lookups ignore socket timeouts
     probe.start()
     probe.join(timeout)
-    if reached:
+    return None if reached else host
+
+
+def hub_problem(name: str, timeout: float = 1.0) -> str | None:
+    """For a model hub id that is not in the local cache while the hub cannot be reached: what to do."""
+    if not name or _looks_local(name) or "://" in name or _offline("HF_HUB_OFFLINE"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None  # cached: transformers loads it without the network
+    host = hub_unreachable(timeout)
+    if host is None:
         return None
     return (
         f"model.model_name_or_path {name!r} is a Hugging Face Hub id that is not in the local cache, and the hub "
@@ -257,6 +274,24 @@ def hub_problem(name: str, timeout: float = 1.0) -> str | None:
         f"AutoModelForImageClassification.from_pretrained({name!r}).save_pretrained('DIR') and "
         f"AutoImageProcessor.from_pretrained({name!r}).save_pretrained('DIR'), copy DIR here and pass "
         "--model.model_name_or_path DIR (or set HF_HUB_OFFLINE=1 to use the cache only)"
+    )
+
+
+def dataset_hub_problem(name: str | None, timeout: float = 1.0) -> str | None:
+    """For a ``datasets`` hub id that is not in the hub cache while the hub cannot be reached: what to do."""
+    if not name or _looks_local(name) or Path(name).expanduser().exists() or _offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "README.md", repo_type="dataset"), str):
+        return None
+    host = hub_unreachable(timeout)
+    if host is None:
+        return None
+    return (
+        f"data.dataset {name!r} is a Hugging Face Hub dataset that is not in the local cache, and the hub ({host}) "
+        "cannot be reached from this machine. Pass a local copy with --data.data_dir DIR (Food-101's archive layout "
+        "or <class>/<image> folders), or set HF_DATASETS_OFFLINE=1 if `datasets` has it in its own cache"
     )
 
 

@@ -264,7 +264,7 @@ def test_output_problems_are_found_before_loading_anything(tmp_path: Path, tiny_
 def test_an_unreachable_hub_is_reported_within_a_second_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from lit_lora.cli import hub_problem
+    from lit_lora.cli import dataset_hub_problem, hub_problem
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: as without network
@@ -273,6 +273,9 @@ def test_an_unreachable_hub_is_reported_within_a_second_with_what_to_do(monkeypa
     assert time.perf_counter() - started < 1.5
     assert "'google/vit-base-patch16-224-in21k'" in problem and "--model.model_name_or_path DIR" in problem and "save_pretrained" in problem
     assert hub_problem("./some/folder") is None
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    problem = dataset_hub_problem("ethz/food101")
+    assert "data.dataset 'ethz/food101'" in problem and "--data.data_dir DIR" in problem and "HF_DATASETS_OFFLINE=1" in problem
 
 
 # ---- one run per folder; evaluation leaves a run alone; resume continues it --------------------------------------
