@@ -338,6 +338,9 @@ def output_folders(subcommand: str, config: Any) -> list[tuple[str, Any]]:
         folders.append(("trainer.logger.init_args.save_dir", init_args.get("save_dir")))
     if subcommand == "fit" and config.checkpoint.get("dirpath"):
         folders.append(("checkpoint.dirpath", config.checkpoint.get("dirpath")))
+    ckpt_path = config.get("ckpt_path")
+    if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
+        folders.append(("the run folder of ckpt_path (a resumed fit writes there)", Path(ckpt_path).resolve().parent))
     if subcommand == "predict" and config.predictions.get("output_path"):
         folders.append(("predictions.output_path's folder", Path(config.predictions.get("output_path")).parent))
     return folders

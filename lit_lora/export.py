@@ -212,6 +212,8 @@ def _write_into(folder: Path, build, overwrite: bool) -> Path:
     each file in (one atomic rename each, the manifest last) and remove files of the previous export that the new
     one does not have. A file that no export wrote is never replaced or deleted."""
     folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(f".export{TMP_MARK}*"):  # a killed export's staging folder
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = temporary_name(folder / "export")
     staging.mkdir()
     try:

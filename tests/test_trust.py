@@ -259,6 +259,12 @@ def test_output_problems_are_found_before_loading_anything(tmp_path: Path, tiny_
     with tmpfs(tmp_path / "read-only", "1m", read_only=True) as read_only:
         with pytest.raises(ValueError, match=r"checkpoint.dirpath .* is not writable"):
             cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={read_only / 'run'}"])
+        subprocess.run(["mount", "-o", "remount,rw", str(read_only)], check=True)
+        (read_only / "run").mkdir()
+        (read_only / "run" / "last.ckpt").write_bytes(b"")  # a run folder to resume in, then made read-only
+        subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+        with pytest.raises(ValueError, match=r"the run folder of ckpt_path .* is not writable"):
+            cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--ckpt_path={read_only / 'run' / 'last.ckpt'}"])
 
 
 def test_an_unreachable_hub_is_reported_within_a_second_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
