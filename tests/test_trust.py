@@ -265,6 +265,9 @@ def test_output_problems_are_found_before_loading_anything(tmp_path: Path, tiny_
         subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
         with pytest.raises(ValueError, match=r"the run folder of ckpt_path .* is not writable"):
             cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--ckpt_path={read_only / 'run' / 'last.ckpt'}"])
+        for command in ("validate", "predict"):  # their outputs would go into the read-only run folder
+            with pytest.raises(ValueError, match=rf"the {command} output folder .*--trainer.default_root_dir.* is not writable"):
+                cli_main([command, *common_args(tiny_vit, food101_dir), f"--ckpt_path={read_only / 'run' / 'last.ckpt'}", f"--data.predict_dir={food101_dir}"])
 
 
 def test_an_unreachable_hub_is_reported_within_a_second_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
