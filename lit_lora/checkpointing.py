@@ -103,6 +103,9 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_sigint()
+        self._release_folder()
+
+    def _release_folder(self) -> None:
         lock = getattr(self, "_lock", None)
         if lock is not None:
             lock.release()
@@ -200,6 +203,12 @@ class AdapterCheckpoint(ModelCheckpoint):
         batch boundary where Lightning stopped. A second Ctrl-C stops at once and saves nothing."""
         super().on_exception(trainer, pl_module, exception)  # Lightning's own save_on_exception, if turned on
         self._restore_sigint()
+        try:
+            self._save_on_interrupt(trainer, exception)
+        finally:
+            self._release_folder()  # a failed fit in a notebook must not keep its folder from the next one
+
+    def _save_on_interrupt(self, trainer: pl.Trainer, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or not self.dirpath:
             return
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")

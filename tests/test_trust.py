@@ -440,3 +440,24 @@ def test_ddp_saves_and_restores_every_processs_accumulated_gradients(tmp_path: P
     assert len(saved["per_rank"]) == 2
     with pytest.raises(ValueError, match=r"saved inside a gradient-accumulation window by 2 process\(es\), and this run has 1"):
         saved_gradients_for_this_process(saved)  # this test process is one process: refused, not mixed up
+
+
+class FailAtBatch(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        raise RuntimeError("a bug in the user's code")
+
+
+def test_a_failed_fit_lets_go_of_its_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """In a notebook, a fit that failed must not keep its run folder from the next fit in the same process."""
+    from lit_lora import AdapterCheckpoint, Food101DataModule, LoRAImageClassifier
+
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, image_processor=tiny_vit, batch_size=8)
+
+    def fit(*callbacks: pl.Callback) -> pl.Trainer:
+        run = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[AdapterCheckpoint(dirpath=str(tmp_path / "run")), *callbacks])
+        run.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), datamodule=data)
+        return run
+
+    with pytest.raises(RuntimeError, match="a bug in the user's code"):
+        fit(FailAtBatch())
+    assert fit().global_step == 6 and (tmp_path / "run" / "last.ckpt").is_file()  # 43 training images / 8
