@@ -183,13 +183,7 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += lora_problems(model)
     problems += device_problems(config.trainer)
     problems += output_folder_problems(output_folders(subcommand, config))
-    hub = hub_problem(name)
-    if hub:
-        problems.append(hub)
-    if not data_dir and subcommand != "predict":
-        dataset_hub = dataset_hub_problem(data.get("dataset"))
-        if dataset_hub:
-            problems.append(dataset_hub)
+    problems += hub_problems(name, data.get("dataset") if not data_dir and subcommand != "predict" else None)
     return problems
 
 
@@ -257,42 +251,40 @@ def hub_unreachable(timeout: float = 1.0) -> str | None:
     return None if reached else host
 
 
-def hub_problem(name: str, timeout: float = 1.0) -> str | None:
-    """For a model hub id that is not in the local cache while the hub cannot be reached: what to do."""
-    if not name or _looks_local(name) or "://" in name or _offline("HF_HUB_OFFLINE"):
-        return None
+def uncached_hub_id(name: str | None, filename: str, repo_type: str = "model", offline: tuple[str, ...] = ("HF_HUB_OFFLINE",)) -> bool:
+    """Whether ``name`` is a hub id whose ``filename`` is not in the local hub cache (and no offline mode says that
+    only the cache counts)."""
+    if not name or _looks_local(name) or "://" in name or Path(name).expanduser().exists() or _offline(*offline):
+        return False
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None  # cached: transformers loads it without the network
-    host = hub_unreachable(timeout)
+    return not isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str)
+
+
+def hub_problems(model: str | None, dataset: str | None, timeout: float = 1.0) -> list[str]:
+    """For the model's and the dataset's hub ids that are not cached, while the hub cannot be reached (probed once,
+    within ``timeout`` seconds): what to do instead."""
+    model = model if uncached_hub_id(model, "config.json") else None
+    dataset = dataset if uncached_hub_id(dataset, "README.md", "dataset", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) else None
+    host = hub_unreachable(timeout) if model or dataset else None
     if host is None:
-        return None
-    return (
-        f"model.model_name_or_path {name!r} is a Hugging Face Hub id that is not in the local cache, and the hub "
-        f"({host}) cannot be reached from this machine. On a machine with network, save it with "
-        f"AutoModelForImageClassification.from_pretrained({name!r}).save_pretrained('DIR') and "
-        f"AutoImageProcessor.from_pretrained({name!r}).save_pretrained('DIR'), copy DIR here and pass "
-        "--model.model_name_or_path DIR (or set HF_HUB_OFFLINE=1 to use the cache only)"
-    )
-
-
-def dataset_hub_problem(name: str | None, timeout: float = 1.0) -> str | None:
-    """For a ``datasets`` hub id that is not in the hub cache while the hub cannot be reached: what to do."""
-    if not name or _looks_local(name) or Path(name).expanduser().exists() or _offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name, "README.md", repo_type="dataset"), str):
-        return None
-    host = hub_unreachable(timeout)
-    if host is None:
-        return None
-    return (
-        f"data.dataset {name!r} is a Hugging Face Hub dataset that is not in the local cache, and the hub ({host}) "
-        "cannot be reached from this machine. Pass a local copy with --data.data_dir DIR (Food-101's archive layout "
-        "or <class>/<image> folders), or set HF_DATASETS_OFFLINE=1 if `datasets` has it in its own cache"
-    )
+        return []
+    problems = []
+    if model:
+        problems.append(
+            f"model.model_name_or_path {model!r} is a Hugging Face Hub id that is not in the local cache, and the hub "
+            f"({host}) cannot be reached from this machine. On a machine with network, save it with "
+            f"AutoModelForImageClassification.from_pretrained({model!r}).save_pretrained('DIR') and "
+            f"AutoImageProcessor.from_pretrained({model!r}).save_pretrained('DIR'), copy DIR here and pass "
+            "--model.model_name_or_path DIR (or set HF_HUB_OFFLINE=1 to use the cache only)"
+        )
+    if dataset:
+        problems.append(
+            f"data.dataset {dataset!r} is a Hugging Face Hub dataset that is not in the local cache, and the hub ({host}) "
+            "cannot be reached from this machine. Pass a local copy with --data.data_dir DIR (Food-101's archive layout "
+            "or <class>/<image> folders), or set HF_DATASETS_OFFLINE=1 if `datasets` has it in its own cache"
+        )
+    return problems
 
 
 def choose_precision(subcommand: str, trainer: Any) -> None:
@@ -308,6 +300,14 @@ def choose_precision(subcommand: str, trainer: Any) -> None:
 def _is_default_logger(logger: Any) -> bool:
     configured = logger.get("class_path") if hasattr(logger, "get") else None
     return configured == TRAINER_DEFAULTS["logger"]["class_path"] or logger is None or logger is True
+
+
+def _logger_init_args(trainer: Any, default_only: bool = False) -> Any | None:
+    """The configured logger's ``init_args`` (None without a configured class; with ``default_only``, None unless
+    it is the default CSVLogger)."""
+    logger = trainer.get("logger")
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    return None if default_only and not _is_default_logger(logger) else init_args
 
 
 def evaluation_folder(subcommand: str, config: Any) -> Path | None:
@@ -332,8 +332,7 @@ def output_folders(subcommand: str, config: Any) -> list[tuple[str, Any]]:
     if folder is not None:
         return [(f"the {subcommand} output folder (set --trainer.default_root_dir to write elsewhere)", folder)]
     folders: list[tuple[str, Any]] = [("trainer.default_root_dir", config.trainer.get("default_root_dir"))]
-    logger = config.trainer.get("logger")
-    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    init_args = _logger_init_args(config.trainer)
     if init_args is not None and init_args.get("save_dir"):
         folders.append(("trainer.logger.init_args.save_dir", init_args.get("save_dir")))
     if subcommand == "fit" and config.checkpoint.get("dirpath"):
@@ -351,9 +350,8 @@ def claim_run_folder(trainer: Any) -> None:
     share one), on the launching process only (under DDP the others are told the folder by Lightning)."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    logger = trainer.get("logger")
-    init_args = logger.get("init_args") if hasattr(logger, "get") else None
-    if rank_zero_only.rank != 0 or init_args is None or not _is_default_logger(logger) or init_args.get("version") is not None:
+    init_args = _logger_init_args(trainer, default_only=True)
+    if rank_zero_only.rank != 0 or init_args is None or init_args.get("version") is not None:
         return
     init_args.version = claim_version(init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name"))
 
@@ -365,9 +363,8 @@ def continue_in_run_folder(config: Any, ckpt_path: Path) -> ResumedLogs | None:
     run = ckpt_path.resolve().parent
     if config.checkpoint.get("dirpath") is None:
         config.checkpoint.dirpath = str(run)
-    logger = config.trainer.get("logger")
-    init_args = logger.get("init_args") if hasattr(logger, "get") else None
-    if init_args is None or not _is_default_logger(logger) or not re.fullmatch(r"version_\d+", run.name) or not (run / "hparams.yaml").is_file():
+    init_args = _logger_init_args(config.trainer, default_only=True)
+    if init_args is None or not re.fullmatch(r"version_\d+", run.name) or not (run / "hparams.yaml").is_file():
         return None
     init_args.save_dir, init_args.name, init_args.version = str(run.parent.parent), run.parent.name, int(run.name.split("_")[1])
     return ResumedLogs.read(run, ckpt_path)

@@ -273,18 +273,17 @@ def test_output_problems_are_found_before_loading_anything(tmp_path: Path, tiny_
 def test_an_unreachable_hub_is_reported_within_a_second_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from lit_lora.cli import dataset_hub_problem, hub_problem
+    from lit_lora.cli import hub_problems
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: as without network
     started = time.perf_counter()
-    problem = hub_problem("google/vit-base-patch16-224-in21k")
-    assert time.perf_counter() - started < 1.5
-    assert "'google/vit-base-patch16-224-in21k'" in problem and "--model.model_name_or_path DIR" in problem and "save_pretrained" in problem
-    assert hub_problem("./some/folder") is None
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    problem = dataset_hub_problem("ethz/food101")
-    assert "data.dataset 'ethz/food101'" in problem and "--data.data_dir DIR" in problem and "HF_DATASETS_OFFLINE=1" in problem
+    model, dataset = hub_problems("google/vit-base-patch16-224-in21k", "ethz/food101")
+    assert time.perf_counter() - started < 1.5  # one probe for both
+    assert "'google/vit-base-patch16-224-in21k'" in model and "--model.model_name_or_path DIR" in model and "save_pretrained" in model
+    assert "data.dataset 'ethz/food101'" in dataset and "--data.data_dir DIR" in dataset and "HF_DATASETS_OFFLINE=1" in dataset
+    assert hub_problems("./some/folder", None) == []
 
 
 # ---- one run per folder; evaluation leaves a run alone; resume continues it --------------------------------------
