@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="train on the GPU in fp16 mixed precision")
     parser.add_argument("--compiled", action="store_true", help="also run lit_lora with --model.compile true")
     parser.add_argument("--predict", action="store_true", help="also measure lit_lora predict (inference) throughput")
-    parser.add_argument("--cache", action="store_true", help="also run lit_lora with its image cache, built (cold) inside that run")
+    parser.add_argument("--optimized", action="store_true", help="also run lit_lora on an optimized (litdata) dataset, built (cold) inside that run")
     parser.add_argument("--validate", action="store_true", help="also measure lit_lora validate (inference on the held-out images)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything this many times, alternating (noisy machines)")
     parser.add_argument("--skip_guide", action="store_true")
@@ -209,9 +209,9 @@ def main() -> None:
             for workers in args.guide_workers:
                 results.append(guide_run(f"guide-workers{workers}{tag}", args, model, data, split, args.work_dir, workers))
         results.append(lit_lora_run(f"lit_lora{tag}", args, model, split, args.work_dir, []))
-        cache_dir = args.work_dir / f"image-cache-{os.getpid()}-{round_}"  # cold: built inside the measured run
-        if args.cache:
-            results.append(lit_lora_run(f"lit_lora-cached{tag}", args, model, split, args.work_dir, [f"--data.cache_dir={cache_dir}"]))
+        optimized_dir = args.work_dir / f"optimized-{os.getpid()}-{round_}"  # cold: built inside the measured run
+        if args.optimized:
+            results.append(lit_lora_run(f"lit_lora-optimized{tag}", args, model, split, args.work_dir, [f"--data.optimized_dir={optimized_dir}"]))
         if args.compiled:
             results.append(lit_lora_run(f"lit_lora-compiled{tag}", args, model, split, args.work_dir, ["--model.compile=true"]))
     fitted = results[-1]
@@ -221,7 +221,6 @@ def main() -> None:
             "validate", args, args.work_dir, f"--ckpt_path={ckpt}", f"--data.data_dir={split}", "--data.train_split=train",
             "--data.val_split=test", f"--data.eval_batch_size={args.batch_size * 2}",
         )
-        command += [f"--data.cache_dir={cache_dir}"] if args.cache else []
         result = run("lit_lora-validate", command, args.work_dir / "lit_lora-validate.log")
         match = re.search(r"validate: (\d+) images in ([\d.]+) s: (\d+) images/s", result["log"])
         result["predict_images_per_sec"] = float(match.group(3))
@@ -249,7 +248,7 @@ def main() -> None:
         return re.sub(r"-round\d+$", "", name)
 
     ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for ours in (r for r in results if base(r["name"]) in ("lit_lora", "lit_lora-cached", "lit_lora-compiled")):
+    for ours in (r for r in results if base(r["name"]) in ("lit_lora", "lit_lora-optimized", "lit_lora-compiled")):
         round_tag = ours["name"][len(base(ours["name"])):]
         for r in results:
             if r["name"].startswith("guide") and r["name"][len(base(r["name"])):] == round_tag:

@@ -7,7 +7,7 @@
 #   DRY=1 bash benchmarks/gpu.sh                       # the whole script on a CPU with tiny sizes (a test runs it)
 #
 # Runs, in one call: the guide's pipeline as written (0 loader workers) and with 16 workers; lit_lora fit from
-# JPEGs and with its image cache built in the run; lit_lora validate and predict; then the ceilings (bare training
+# JPEGs and from an optimized (litdata) dataset built in the run; lit_lora validate and predict; then the ceilings (bare training
 # step, bare inference, the training loader alone: benchmarks/step.py) and the summary (benchmarks/gpu_report.py:
 # loop/bare-step ratio, fixed cost, peak GPU memory, the card's name). Results land in $OUT (default /tmp/out).
 # EXTRA="--compiled" adds a compiled run; GUIDE_WORKERS="16" skips the slow guide run.
@@ -35,12 +35,12 @@ fi
 "$PYTHON" - <<'PY' | tee -a "$OUT_DIR/gpu.txt"
 import importlib
 import os
-for name in ("torch", "torchvision", "lightning", "transformers", "peft", "torchmetrics", "datasets", "jsonargparse", "pyarrow", "PIL"):
+for name in ("torch", "torchvision", "lightning", "transformers", "peft", "torchmetrics", "datasets", "jsonargparse", "pyarrow", "PIL", "litdata", "obstore", "boto3"):
     module = importlib.import_module(name)
     print(name, getattr(module, "__version__", "?"))
 print("cpus", len(os.sched_getaffinity(0)))
 PY
-"$PYTHON" benchmarks/compare.py "${DEVICE[@]}" --images "$IMAGES" --epochs "$EPOCHS" "${GUIDE[@]}" --cache --validate --predict \
+"$PYTHON" benchmarks/compare.py "${DEVICE[@]}" --images "$IMAGES" --epochs "$EPOCHS" "${GUIDE[@]}" --optimized --validate --predict \
   ${EXTRA:-} --work_dir "$WORK" --result "$OUT_DIR/gpu_result.json" 2>&1 | tee "$OUT_DIR/gpu_compare.log"
 MODEL=$(ls -d "$WORK"/vit-* | head -n 1)
 "$PYTHON" benchmarks/step.py --model_dir "$MODEL" --data_dir "$WORK/images-$IMAGES" "${STEP[@]}" --result "$OUT_DIR/step.json" > "$OUT_DIR/step.log" 2>&1

@@ -31,7 +31,7 @@ def main(result_path: str, step_path: str, machine_path: str) -> None:
     print(f"\nbare training step {bare:.0f} images/s (batch {step['batch_size']}, input {step['input']}); bare inference "
           f"{step['bare_inference_images_per_sec']:.0f} images/s; training loader alone {step['loader_epoch1_images_per_sec']:.0f} / "
           f"{step['loader_epoch2_images_per_sec']:.0f} images/s (epochs 1 / 2)")
-    for name in ("lit_lora", "lit_lora-cached"):
+    for name in ("lit_lora", "lit_lora-optimized"):
         epochs = by_name.get(name, {}).get("epoch_images_per_sec", [])
         if epochs:
             print(f"{name}: training loop in its last epoch at {epochs[-1] / bare:.0%} of the bare step")

@@ -1,4 +1,5 @@
-"""``python -m lit_lora``: LightningCLI over `LoRAImageClassifier` and `Food101DataModule`, plus ``export``."""
+"""``python -m lit_lora``: LightningCLI over `LoRAImageClassifier` and `Food101DataModule`, plus ``export`` and
+``optimize``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, 
 from lit_lora.files import output_folder_problems
 from lit_lora.model import LoRAImageClassifier
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
+from lit_lora.optimized import is_url as optimized_is_url
 from lit_lora.predictions import PredictionWriter
 from lit_lora.runs import ResumedLogs, claim_version
 from lit_lora.schedules import scheduler_problems
@@ -38,8 +40,11 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 TOP_LEVEL_PROG = "python -m lit_lora"
+OPTIMIZE_DESCRIPTION = """Write the training, validation and test splits fit uses (same seeded, stratified split) as litdata
+datasets under --output_dir (a folder or s3:// URL): images decoded once and pre-resized; then fit, validate and test
+with --data.optimized_dir."""
 DESCRIPTION = """LoRA fine-tuning of image classifiers on PyTorch Lightning, with PEFT and transformers: fit, validate,
-test and predict (LightningCLI), and export."""
+test and predict (LightningCLI), export, and optimize."""
 
 
 class LitLoRACLI(LightningCLI):
@@ -120,8 +125,8 @@ class LitLoRACLI(LightningCLI):
         # data's (a different label set is refused, naming both) instead of loading weights of the wrong shape.
         if class_names and not config.data.get("class_names") and (subcommand == "predict" or self.adapter_folder):
             config.data.class_names = list(class_names)
-        if subcommand == "predict" and not config.data.get("data_dir"):
-            config.data.dataset = None
+        if not config.data.get("data_dir") and (subcommand == "predict" or built_elsewhere(config.data.get("optimized_dir"))):
+            config.data.dataset = None  # labels come from the checkpoint or the optimized dataset, not the hub
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -130,6 +135,15 @@ class LitLoRACLI(LightningCLI):
         if getattr(self, "resumed_logs", None) is not None:
             self.resumed_logs.restore(self.trainer)
         add_tensorboard_beside_csv(self.trainer)
+
+
+def built_elsewhere(optimized_dir: str | None) -> bool:
+    """Whether ``optimized_dir`` is a URL or a local folder with something in it: used as it is, not built from
+    ``data.dataset`` (so a hub id by default, such as Food-101's, is not opened)."""
+    if not optimized_dir:
+        return False
+    folder = Path(optimized_dir).expanduser()
+    return optimized_is_url(optimized_dir) or (folder.is_dir() and any(folder.iterdir()))
 
 
 def add_tensorboard_beside_csv(trainer: Any) -> None:
@@ -163,8 +177,9 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     data_dir = data.get("data_dir")
     if data_dir and not str(data_dir).startswith("demo://") and not Path(data_dir).expanduser().is_dir():
         problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
-    if not data_dir and not data.get("dataset") and subcommand != "predict":
-        problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
+    streamed = data.get("optimized_dir")
+    if not data_dir and not data.get("dataset") and not streamed and subcommand != "predict":
+        problems.append("no data: set data.data_dir (a local folder), data.dataset (a `datasets` id or path) or data.optimized_dir")
     batch_size, workers = data.get("batch_size"), data.get("num_workers")
     problems += settings_problems(
         float(data.get("val_size", 0.1)), data.get("val_split"), 1 if batch_size is None else int(batch_size),
@@ -172,8 +187,8 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     )
     if data.get("eval_batch_size") is not None and int(data.get("eval_batch_size")) < 1:
         problems.append(f"data.eval_batch_size must be at least 1, got {data.get('eval_batch_size')}")
-    if subcommand == "predict" and not data.get("predict_dir"):
-        problems.append("predict needs images: set data.predict_dir to a folder or a list of image files")
+    if subcommand == "predict" and not data.get("predict_dir") and not streamed:
+        problems.append("predict needs images: set data.predict_dir to a folder or a list of image files (or data.optimized_dir: its test split)")
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(f"ckpt_path {ckpt_path!r} does not exist")
@@ -183,7 +198,7 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += lora_problems(model)
     problems += device_problems(config.trainer)
     problems += output_folder_problems(output_folders(subcommand, config))
-    problems += hub_problems(name, data.get("dataset") if not data_dir and subcommand != "predict" else None)
+    problems += hub_problems(name, data.get("dataset") if not data_dir and not streamed and subcommand != "predict" else None)
     return problems
 
 
@@ -383,18 +398,18 @@ class ShortErrorParser(LightningArgumentParser):
             if close:
                 hint = f" Did you mean {' or '.join(dict.fromkeys(close))}?"
         if "invalid choice" in message and "export" not in message:
-            message = message.replace("'predict')", "'predict', 'export')").replace("predict)", "predict, export)")
+            message = message.replace("'predict')", "'predict', 'export', 'optimize')").replace("predict)", "predict, export, optimize)")
         self.exit(2, f"{self.prog}: error: {message.strip()}{hint}\n(see --help for every option)\n")
 
     def format_help(self) -> str:
         """jsonargparse's help, led by lit_lora's own options one line each (subcommands), or with every subcommand,
-        ``export`` included, listed in whole sentences (the top level)."""
+        ``export`` and ``optimize`` included, listed in whole sentences (the top level)."""
         from lit_lora.help import options_summary, top_level_help
 
         text = super().format_help()
         if self.prog.strip() == TOP_LEVEL_PROG and "subcommands:" in text:
             options = text[text.index("options:") : text.index("subcommands:")].rstrip() + "\n"
-            return top_level_help(f"usage: {TOP_LEVEL_PROG} [-h] [-c CONFIG] {{fit,validate,test,predict,export}} ...\n", DESCRIPTION, options)
+            return top_level_help(f"usage: {TOP_LEVEL_PROG} [-h] [-c CONFIG] {{fit,validate,test,predict,export,optimize}} ...\n", DESCRIPTION, options)
         try:
             defaults = self.get_defaults()
         except Exception:  # a parser that cannot resolve its defaults yet: the plain help
@@ -403,6 +418,39 @@ class ShortErrorParser(LightningArgumentParser):
             return text
         classes = {"model": LoRAImageClassifier, "data": Food101DataModule, "checkpoint": AdapterCheckpoint, "predictions": PredictionWriter}
         return options_summary(defaults, classes) + text
+
+
+class OptimizeCLI(LitLoRACLI):
+    """``python -m lit_lora optimize``: the ``fit`` configuration (its ``--data.*`` and ``--model.*`` options, so the
+    same ``--config`` works) plus ``--output_dir``; builds only the data module and writes its splits with litdata."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--output_dir", required=True, help="folder or URL (s3://bucket/prefix) to write the optimized dataset to")
+        parser.add_argument("--overwrite", type=bool, default=False, help="replace an optimized dataset of other images or settings there")
+
+    def instantiate_classes(self) -> None:
+        data = self.config.data
+        problems = []
+        if not data.get("data_dir") and not data.get("dataset"):
+            problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
+        output_dir = str(self.config.output_dir)
+        if not optimized_is_url(output_dir):
+            problems += output_folder_problems([("--output_dir", Path(output_dir).expanduser())])
+        if problems:
+            raise ValueError(f"{len(problems)} problem(s) in the configuration, found before loading anything:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.datamodule = self.datamodule_class(**{k: v for k, v in data.as_dict().items() if k != "optimized_dir"})
+        self.manifest = self.datamodule.optimize(output_dir, overwrite=bool(self.config.overwrite))
+
+
+def optimize_main(argv: list[str]) -> OptimizeCLI:
+    """Run ``optimize`` with ``argv`` (everything after the word)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        return OptimizeCLI(
+            LoRAImageClassifier, Food101DataModule, args=argv, run=False, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=42,
+            parser_kwargs={"prog": f"{TOP_LEVEL_PROG} optimize", "description": OPTIMIZE_DESCRIPTION}, parser_class=ShortErrorParser,
+        )
 
 
 def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
@@ -424,6 +472,8 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
             export, args=argv[1:], as_positional=False, prog=f"{TOP_LEVEL_PROG} export", parser_class=ShortErrorParser,
             description="Write a trained model in a format other tools load: a PEFT adapter folder, or (--merge true) a merged transformers model.",
         )
+    if argv[:1] == ["optimize"]:
+        return optimize_main(argv[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
         return LitLoRACLI(

@@ -12,13 +12,14 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
+from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader
 
-from lit_lora import demo, log
-from lit_lora.cache import CachedTable, cached
+from lit_lora import demo, log, optimized
 from lit_lora.device_decode import decode_batch
-from lit_lora.images import FileTable, ImageDataset, ImageTable, collate_skipping_bad_images
-from lit_lora.sampling import SeededShuffleSampler
+from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
+from lit_lora.optimized import OptimizedImages
+from lit_lora.sampling import LoadsStateOnce, ResumableDataLoader, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import ImageSettings, eval_transform, load_image_settings, train_transform
@@ -58,22 +59,9 @@ def _lower_priority(worker_id: int) -> None:
     os.nice(10)
 
 
-class ResumableDataLoader(DataLoader):
-    """The training `DataLoader`, resumable in Lightning's sense: Lightning saves its `state_dict` in checkpoints and
-    hands it back to `load_state_dict` before iterating when ``fit`` resumes. The state is the data module's progress
-    through the epoch (`ImageClassificationDataModule.state_dict`), which the data module also restores itself."""
-
-    datamodule: ImageClassificationDataModule | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict() if self.datamodule is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.datamodule is None or not state:
-            return
-        self.datamodule.load_state_dict(state)
-        if isinstance(self.sampler, SeededShuffleSampler):
-            self.datamodule.start_at_resume_point(self.sampler)
+class ResumableStreamingDataLoader(LoadsStateOnce, StreamingDataLoader):
+    """litdata's `StreamingDataLoader`, resumable through its own `state_dict`, which tolerates being handed the same
+    state twice (see `LoadsStateOnce`)."""
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -104,8 +92,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         fast_decode: bool = True,
         fast_eval_decode: bool = False,
         decode_on_device: bool = False,
-        cache_dir: str | None = None,
-        cache_short_side: int = 256,
+        optimized_dir: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        optimized_train_side: int = 256,
         on_bad_image: Literal["skip", "error"] = "skip",
     ) -> None:
         """Describe where the images are and how they are batched.
@@ -125,10 +114,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             batch_size: images per training batch (per process).
             eval_batch_size: images per validation/test/predict batch; defaults to ``batch_size``.
             num_workers: loader worker processes; defaults to the number of CPU cores available (at most 16),
-                except that images from the cache are then cropped in the training process itself when the model
+                except that optimized images are then cropped in the training process itself when the model
                 computes on the CPU (its threads use every core already; worker processes would add a copy of
                 every batch through shared memory). When the model trains on the CPU, workers run at a lower
-                priority (nice 10) than its threads. The cache is always built by this many processes.
+                priority (nice 10) than its threads. ``optimize`` always uses this many processes.
             pin_memory: pin host memory of batches for faster copies to the GPU.
             persistent_workers: keep workers alive between epochs.
             image_processor: model id or folder whose image processor gives the crop size, the resize side and the
@@ -148,10 +137,14 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             decode_on_device: for validation, test and predict, loader workers only read JPEG files; each batch is
                 decoded (nvJPEG through torchvision on a GPU), resized and centre-cropped on the model's device,
                 with the same evaluation transform. Other files, and files the decoder rejects, take the CPU path.
-            cache_dir: folder for an on-disk cache of pre-resized uint8 images (built once, reused across epochs
-                and runs, rebuilt when the images change). Training images are cached with the shorter side at
-                ``cache_short_side``, validation and test images at the evaluation size. Off by default.
-            cache_short_side: shorter side of cached training images; random crops are taken from these.
+            optimized_dir: a folder or object-store URL (``s3://bucket/food101``) holding the splits as litdata
+                datasets (``python -m lit_lora optimize``): images decoded once, pre-resized uint8, streamed to every
+                process and worker (`lit_lora.optimized`). ``fit`` builds a local folder that is missing or empty
+                from the source first (once per node, in `prepare_data`). With a source configured, a dataset built
+                from other images or settings is refused; without one, its own class names are used.
+            storage_options: passed to litdata's storage client for ``optimized_dir`` URLs (e.g. ``endpoint_url``);
+                the standard ``AWS_*`` variables work without it.
+            optimized_train_side: shorter side of the optimized training images; random crops are taken from these.
             on_bad_image: what to do with a file that cannot be read (truncated, empty, not an image, too large):
                 ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops.
         """
@@ -174,8 +167,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.fast_decode = fast_decode
         self.fast_eval_decode = fast_eval_decode
         self.decode_on_device = decode_on_device
-        self.cache_dir = cache_dir
-        self.cache_short_side = cache_short_side
+        self.optimized_dir = optimized_dir if optimized_dir is None or optimized.is_url(optimized_dir) else str(Path(optimized_dir).expanduser())
+        self.storage_options = dict(storage_options or {})
+        self.optimized_train_side = optimized_train_side
+        self._manifest: dict[str, Any] | None = None
         self.on_bad_image = on_bad_image
         self.skipped_images: dict[str, str] = {}  # file -> reason, filled as batches arrive
         self.image_warnings: dict[str, str] = {}  # file -> what the decoder said about a file it read anyway
@@ -184,17 +179,14 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self._check()
         self._class_names = list(class_names) if class_names else None
         self._source: ImageSource | None = None
-        if self._class_names is None:
+        if self._class_names is None and not optimized_dir:
             _ = self.source  # find the data and its labels now: a wrong path should fail before any compute
-        self.train_table: ImageTable | None = None
-        self.val_table: ImageTable | None = None
-        self.test_table: ImageTable | None = None
-        self.predict_table: FileTable | None = None
-        # Exact resume: training batches delivered in the sampler's current epoch, saved in checkpoints
-        # (`state_dict`), and where a resumed run's first pass starts (`load_state_dict`).
-        self._train_sampler: SeededShuffleSampler | None = None
-        self._progress = {"epoch": 0, "batches": 0}
-        self._resume_at: tuple[int, int] | None = None
+        self.train_table: ImageTable | OptimizedImages | None = None
+        self.val_table: ImageTable | OptimizedImages | None = None
+        self.test_table: ImageTable | OptimizedImages | None = None
+        self.predict_table: FileTable | OptimizedImages | None = None
+        self._train_loader: DataLoader | None = None
+        self._train_loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     def _check(self) -> None:
         problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
@@ -219,13 +211,140 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     @property
     def class_names(self) -> list[str] | None:
-        """Label names, index = label id (linked into the model by the CLI): given ones, else the source's."""
+        """Label names, index = label id (linked into the model by the CLI): given ones, else the source's, else
+        those of the optimized dataset."""
         if self._class_names is not None:
             return list(self._class_names)
+        if self.optimized_dir and (self.source is None or self._optimized_ready()):
+            return list(self.optimized_manifest()["class_names"])
         return list(self.source.class_names) if self.source is not None else None
+
+    def _optimized_ready(self) -> bool:
+        manifest = self._manifest or optimized.read_manifest(self.optimized_dir, self.storage_options)
+        return manifest is not None and manifest.get("state") == "complete"
+
+    def _split_tables(self, stage: str) -> dict[str, ImageTable]:
+        """The source's tables for ``stage``: ``train`` and ``val`` for fit/validate, ``test`` for test."""
+        if stage in ("fit", "validate"):
+            self._setup_files("fit")
+            return {"train": self.train_table, "val": self.val_table}
+        self._setup_files("test")
+        return {"test": self.test_table}
+
+    def _optimized_settings(self, tables: dict[str, ImageTable]) -> dict[str, Any]:
+        names = list(self._require_source().class_names)
+        return {
+            "format": optimized.FORMAT, "class_names": names, "source": self._require_source().location,
+            "fingerprint": optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side),
+        }
+
+    def optimize(self, output_dir: str, overwrite: bool = False, num_workers: int | None = None) -> dict[str, Any]:
+        """Write the splits ``fit`` and ``test`` use (same seeded, stratified split) as litdata datasets under
+        ``output_dir`` (a folder or URL) and return the manifest. An identical dataset already there is kept.
+
+        Raises:
+            ValueError: ``output_dir`` holds a different dataset (and not ``overwrite``), or something else.
+        """
+        tables = self._split_tables("fit")
+        source = self._require_source()
+        if self.test_split or source.test_split:
+            tables.update(self._split_tables("test"))
+        settings = self._optimized_settings(tables)
+        existing = optimized.read_manifest(output_dir, self.storage_options)
+        if existing is not None and existing.get("state") == "complete" and existing.get("fingerprint") == settings["fingerprint"]:
+            log.info(f"[lit_lora] {output_dir} already holds this optimized dataset ({existing['splits']} images); nothing to do")
+            return existing
+        if existing is not None and existing.get("state") == "complete" and not overwrite:
+            raise ValueError(
+                f"{output_dir} holds an optimized dataset built from other images or settings (from {existing.get('source')}); "
+                "pass --overwrite true to replace it, or choose another --output_dir."
+            )
+        local = None if optimized.is_url(output_dir) else Path(output_dir).expanduser()
+        if existing is None and local is not None and local.is_dir() and any(local.iterdir()):
+            raise ValueError(f"{output_dir} is not empty and holds no optimized dataset; choose an empty or new --output_dir.")
+        manifest = optimized.write_splits(
+            output_dir, tables, settings, self.image_settings, self.optimized_train_side,
+            self.num_workers if num_workers is None else num_workers, self.storage_options, replace=existing is not None,
+        )
+        bad = manifest["unreadable"]
+        log.info(f"[lit_lora] optimized {manifest['splits']} images into {output_dir}" + (f"; {len(bad)} unreadable image(s) left out" if bad else ""))
+        if bad and self.on_bad_image == "error":
+            where, reason = next(iter(bad.items()))
+            raise bad_image_error(where, reason)
+        self.skipped_images.update(bad)
+        return manifest
+
+    def optimized_manifest(self) -> dict[str, Any]:
+        """The manifest of ``optimized_dir``, checked: complete, and (with a source configured) built from these
+        images and settings.
+
+        Raises:
+            ValueError: there is no complete optimized dataset there, or it was built from something else.
+        """
+        if self._manifest is not None:
+            return self._manifest
+        manifest = optimized.read_manifest(self.optimized_dir, self.storage_options)
+        if manifest is None or manifest.get("state") != "complete":
+            raise ValueError(
+                f"data.optimized_dir {self.optimized_dir} holds no complete optimized dataset; write one with "
+                f"`python -m lit_lora optimize --config ... --output_dir {self.optimized_dir}`."
+            )
+        if self.data_dir:  # local files: cheap to check (a hub dataset would have to be loaded)
+            tables = self._split_tables("fit")
+            if "test" in manifest["splits"]:
+                tables.update(self._split_tables("test"))
+            expected = self._optimized_settings(tables)["fingerprint"]
+            if manifest["fingerprint"] != expected:
+                raise ValueError(
+                        f"data.optimized_dir {self.optimized_dir} was built from other images or settings than "
+                    f"data.data_dir {self.data_dir} (files added, changed or removed, or another split, seed or processor); "
+                    "rebuild it with `python -m lit_lora optimize ... --overwrite true`, or drop --data.data_dir to use it as it is."
+                )
+        if self._class_names is not None and self._class_names != manifest["class_names"]:
+            raise ValueError(
+                f"class_names {self._class_names[:5]}... (the checkpoint's or configured) differ from those of "
+                f"{self.optimized_dir}: {manifest['class_names'][:5]}... Use data with the same labels."
+            )
+        self.skipped_images.update(manifest.get("unreadable", {}))
+        self._manifest = manifest
+        return manifest
+
+    def prepare_data(self) -> None:
+        """Build a local ``optimized_dir`` that is missing, empty or half-written (once per node, before any process
+        reads it)."""
+        if not self.optimized_dir or optimized.is_url(self.optimized_dir):
+            return
+        folder = Path(self.optimized_dir)
+        existing = optimized.read_manifest(self.optimized_dir)
+        if (existing is None and (not folder.exists() or not any(folder.iterdir()))) or (existing and existing.get("state") != "complete"):
+            self.optimize(self.optimized_dir)  # a new one, or one whose writing was killed
 
     def setup(self, stage: str) -> None:
         """Select and split the images needed for ``stage`` (nothing is decoded here)."""
+        if self.optimized_dir and (stage != "predict" or not self.predict_dir):
+            self._setup_optimized(stage)
+        else:
+            self._setup_files(stage)
+
+    def _setup_optimized(self, stage: str) -> None:
+        manifest = self.optimized_manifest()
+        split = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}[stage]
+        if split not in manifest["splits"]:
+            raise ValueError(f"data.optimized_dir {self.optimized_dir} has no {split} split (it has {list(manifest['splits'])}).")
+
+        def stream(name: str, **kwargs: Any) -> OptimizedImages:
+            return OptimizedImages(optimized.join(self.optimized_dir, name), seed=self.seed, storage_options=self.storage_options, **kwargs)
+
+        if stage in ("fit", "validate"):
+            self.train_table = stream("train", transform=train_transform(self.image_settings), shuffle=True)
+            self.val_table = stream("val")
+            log.info(f"[lit_lora] {self.optimized_dir}: {len(self.train_table)} train / {len(self.val_table)} validation images")
+        elif stage == "test":
+            self.test_table = stream("test")
+        else:
+            self.predict_table = stream("test")
+
+    def _setup_files(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_table is None:
             source = self._require_source()
             selected = source.select(self.train_split)
@@ -245,8 +364,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                     )
                 train, validation = selected.subset(train_rows), selected.subset(val_rows)
                 origin = f"val_size={self.val_size}, seed={self.seed}"
-            self.train_table = self._cached(train, self.cache_short_side)
-            self.val_table = self._cached(self._mixed(validation), self._eval_side())
+            self.train_table, self.val_table = train, self._mixed(validation)
             log.info(
                 f"[lit_lora] {self.train_split}: {len(self.train_table)} train / {len(self.val_table)} validation "
                 f"images ({origin})"
@@ -258,7 +376,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"{source.location} has no test split (splits: {list(source.split_sizes)}); set --data.test_split."
                 )
-            self.test_table = self._cached(self._mixed(source.select(split)), self._eval_side())
+            self.test_table = self._mixed(source.select(split))
         if stage == "predict" and self.predict_table is None:
             self.predict_table = self._predict_files()
 
@@ -267,20 +385,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         prefix of the evaluation batches (``limit_val_batches``, an interrupted pass) is a fair sample."""
         order = torch.randperm(len(table), generator=torch.Generator().manual_seed(self.seed)).tolist()
         return table.subset(order)
-
-    def _eval_side(self) -> int:
-        return self.image_settings.resize or max(self.image_settings.crop)
-
-    def _cached(self, table: ImageTable, short_side: int) -> ImageTable:
-        """``table`` served from the image cache when ``cache_dir`` is set (process 0 builds, the others wait)."""
-        if not self.cache_dir:
-            return table
-        trainer = self.trainer
-        first = trainer is None or trainer.is_global_zero
-        result = cached(table, short_side, self.cache_dir, self.num_workers, build=True) if first else None
-        if trainer is not None:
-            trainer.strategy.barrier("lit_lora image cache")
-        return result if result is not None else cached(table, short_side, self.cache_dir, self.num_workers, build=False)
 
     def _require_source(self) -> ImageSource:
         if self.source is None:
@@ -313,53 +417,56 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"predict_dir {self.predict_dir!r} holds no image files.")
         return FileTable(paths, [-1] * len(paths))
 
-    def _loader(self, table: ImageTable | None, train: bool) -> DataLoader:
+    def _loader(self, table: ImageTable | OptimizedImages | None, train: bool) -> DataLoader:
         assert table is not None, "setup() was not called for this stage"
-        transform = train_transform(self.image_settings, self.fast_decode) if train else eval_transform(self.image_settings, self.fast_eval_decode)
-        sampler = None
-        if train:
-            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank)
-            self.start_at_resume_point(sampler)
-            self._train_sampler = sampler
-        elif self.trainer is not None and self.trainer.world_size > 1:
-            # Evaluation under DDP: each image on exactly one process. Lightning's default DistributedSampler
-            # would pad with repeated images to even out the shards, and count them twice in val/acc.
-            sampler = UnrepeatedDistributedSampler(
-                range(len(table)), num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
         workers = self._loader_workers(table)
-        loader = (ResumableDataLoader if train else DataLoader)(
-            ImageDataset(
-                table, transform, self.on_bad_image, encoded=self.decode_on_device and not train, replace_unreadable=train,
-                with_path=table is self.predict_table,
-            ),
-            collate_fn=collate_skipping_bad_images,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            # A private generator for worker seeds: loading never draws from the global random state, which
-            # LoRA dropout uses and checkpoints restore.
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-            drop_last=False,
+        common = dict(
+            collate_fn=collate_skipping_bad_images, batch_size=self.batch_size if train else self.eval_batch_size, num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.persistent_workers and workers > 0,
             worker_init_fn=_lower_priority if self._computing_on_cpu() else None,
+            # A private generator for worker seeds: loading never draws from the global random state, which LoRA
+            # dropout uses and checkpoints restore.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if isinstance(table, OptimizedImages):
+            # litdata gives each process and worker its share (every evaluation image once across processes).
+            loader = ResumableStreamingDataLoader(table, **common)
+        else:
+            loader = self._file_loader(table, train, common)
         if train:
-            loader.datamodule = self
+            if self._train_loader_state is not None:
+                loader.load_state_dict(self._train_loader_state)
+                self._train_loader_state = None
+            self._train_loader = loader
         return loader
 
-    def _loader_workers(self, table: ImageTable) -> int:
-        """``num_workers``, or by default none for cached images when the model computes on the CPU.
+    def _file_loader(self, table: ImageTable, train: bool, common: dict[str, Any]) -> DataLoader:
+        transform = train_transform(self.image_settings, self.fast_decode) if train else eval_transform(self.image_settings, self.fast_eval_decode)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if train:
+            sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank)
+        elif world > 1:
+            # Evaluation under DDP: each image on exactly one process. Lightning's default DistributedSampler
+            # would pad with repeated images to even out the shards, and count them twice in val/acc.
+            sampler = UnrepeatedDistributedSampler(range(len(table)), num_replicas=world, rank=rank, shuffle=False)
+        else:
+            sampler = None
+        dataset = ImageDataset(
+            table, transform, self.on_bad_image, encoded=self.decode_on_device and not train, replace_unreadable=train,
+            with_path=table is self.predict_table,
+        )
+        return (ResumableDataLoader if train else DataLoader)(dataset, sampler=sampler, drop_last=False, **common)
 
-        Cropping a cached image costs about 0.3 ms; a worker's batch of 128 crops then crosses to the training
+    def _loader_workers(self, table: ImageTable | OptimizedImages) -> int:
+        """``num_workers``, or by default none for optimized images when the model computes on the CPU.
+
+        Cropping a pre-resized image costs about 0.3 ms; a worker's batch of 128 crops then crosses to the training
         process through 19 MB of fresh shared memory, page by page, while the model's threads keep both cores
-        busy. Measured on 2 cores (3 epochs of ``benchmarks/compare.py``'s cached run, prebuilt cache): 28.3-30.8 s
+        busy. Measured on 2 cores (3 epochs of ``benchmarks/compare.py`` on pre-resized images): 28.3-30.8 s
         in-process against 29.6-31.8 s with 2 workers, 1.0 against 4.0 s of system time. JPEGs (2-3 ms each) still
         go to workers: in-process they cost 19.7 s an epoch there against 16 s.
         """
-        if not self._num_workers_given and isinstance(table, CachedTable) and self._computing_on_cpu():
+        if not self._num_workers_given and isinstance(table, OptimizedImages) and self._computing_on_cpu():
             return 0
         return self.num_workers
 
@@ -367,7 +474,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return self.trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented batches of uint8 images."""
+        """Shuffled, augmented batches of uint8 images, resumable through the loader's ``state_dict``."""
         return self._loader(self.train_table, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -383,10 +490,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """The file of each prediction, in the order ``predict`` yields them (its batches also carry ``path``)."""
         if self.predict_table is None:
             self.setup("predict")
+        if isinstance(self.predict_table, OptimizedImages):
+            return [item["path"] for item in self.predict_table]
         return list(self.predict_table.paths)
 
     def predict_dataloader(self) -> DataLoader:
-        """Deterministic batches of the images under ``predict_dir``, in sorted path order."""
+        """Deterministic batches of the images under ``predict_dir`` (sorted paths), or of the optimized test split."""
         return self._loader(self.predict_table, train=False)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
@@ -397,40 +506,24 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Collect the names of unreadable images, and count the training batches of the epoch (for `state_dict`)."""
+        """Collect the names of unreadable images and the decoder's warnings."""
         for path, reason in batch.pop("skipped", []):
             self.skipped_images.setdefault(path, reason)
         for path, notes in batch.pop("image_warnings", []):
             self.image_warnings.setdefault(path, notes)
-        if self._train_sampler is not None and self.trainer is not None and self.trainer.training:
-            epoch = self._train_sampler.epoch
-            if epoch != self._progress["epoch"]:
-                self._progress = {"epoch": epoch, "batches": 0}
-            self._progress["batches"] += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in the data: the epoch and how many of its batches were delivered (Lightning saves
-        this in checkpoints; each one is trained on by the time a checkpoint is written)."""
-        sampler = self._train_sampler
-        batches_per_epoch = -(-len(sampler) // self.batch_size) if sampler is not None else 0
-        return {**self._progress, "batches_per_epoch": batches_per_epoch}
+        """The training loader's own ``state_dict`` (where it is in the epoch).
+
+        Lightning saves it with the loops too, but drops that copy on resume when ``configure_optimizers`` reads
+        ``trainer.estimated_stepping_batches`` (Lightning issue #20550; `LoRAImageClassifier`'s schedule does), so the
+        data module carries it as well and hands it to the next training loader it makes (`load_state_dict`)."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the data where `state_dict` says: the next training pass starts after the batches already
-        trained, or at the next epoch when that one was finished."""
-        epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
-        if batches and batches >= int(state.get("batches_per_epoch", 0)):
-            epoch, batches = epoch + 1, 0
-        self._progress = {"epoch": epoch, "batches": batches}
-        self._resume_at = (epoch, batches)
-
-    def start_at_resume_point(self, sampler: SeededShuffleSampler) -> None:
-        """Make ``sampler``'s next pass start where a resumed run left off (once; nothing unless resuming)."""
-        if self._resume_at is not None:
-            epoch, batches = self._resume_at
-            sampler.epoch, sampler.skip = epoch, batches * self.batch_size
-            self._resume_at = None
+        """Keep a checkpoint's training-loader state for the training loader of the resumed fit."""
+        self._train_loader_state = state.get("train_loader")
 
 
 class Food101DataModule(ImageClassificationDataModule):

@@ -1,6 +1,6 @@
 """``--help`` that starts with lit_lora's own options: one line each for the model, data, checkpoint and
 prediction options (type, default, the first sentence of their documentation), before jsonargparse's full listing,
-where the Trainer's many options follow; and a top-level help that lists every subcommand, ``export`` included."""
+where the Trainer's many options follow; and a top-level help that lists every subcommand, ``export`` and ``optimize`` included."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "test": "Evaluate a checkpoint or adapter folder on the test split; writes a report.",
     "predict": "Predict the labels of image files (--data.predict_dir); writes predictions.csv.",
     "export": "Write a PEFT adapter folder or a merged transformers model from a checkpoint (export --help).",
+    "optimize": "Write the splits fit uses as litdata datasets to a folder or s3:// URL, for --data.optimized_dir (optimize --help).",
 }
 
 

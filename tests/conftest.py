@@ -23,6 +23,25 @@ CLASSES = ("tomato", "matcha", "blueberry", "banana")
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "lit_lora_cache"))
+    monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "litdata_cache"))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS over HTTPS on 127.0.0.1), with this process's AWS_* variables pointing at it."""
+    from s3_server import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        saved = {key: os.environ.get(key) for key in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

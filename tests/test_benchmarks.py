@@ -23,7 +23,7 @@ def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = tmp_path / "out"
     runs = {r["name"] for r in json.loads((out / "gpu_result.json").read_text())}
-    assert runs == {"guide-workers0", "lit_lora", "lit_lora-cached", "lit_lora-validate", "lit_lora-predict"}
+    assert runs == {"guide-workers0", "lit_lora", "lit_lora-optimized", "lit_lora-validate", "lit_lora-predict"}
     step = json.loads((out / "step.json").read_text())
     assert step["bare_step_images_per_sec"] > 0 and step["bare_inference_images_per_sec"] > 0 and step["loader_epoch2_images_per_sec"] > 0
     summary = (out / "summary.md").read_text()

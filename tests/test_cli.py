@@ -160,10 +160,12 @@ def test_help_describes_the_projects_options(run_main) -> None:
 
 def test_top_level_help_and_errors_name_every_subcommand(run_main) -> None:
     code, top, _ = run_main(["--help"])
-    assert code == 0 and top.startswith("usage: python -m lit_lora [-h] [-c CONFIG] {fit,validate,test,predict,export}")
-    for name in ("fit", "validate", "test", "predict", "export"):
+    assert code == 0 and top.startswith("usage: python -m lit_lora [-h] [-c CONFIG] {fit,validate,test,predict,export,optimize}")
+    for name in ("fit", "validate", "test", "predict", "export", "optimize"):
         assert f"\n  {name} " in top
     code, _, wrong = run_main(["fitt"])
-    assert code == 2 and "export" in wrong
+    assert code == 2 and "export" in wrong and "optimize" in wrong
     code, export, _ = run_main(["export", "--help"])
     assert code == 0 and "Lightning Trainer command line tool" not in export and "PEFT adapter folder" in export
+    code, optimize, _ = run_main(["optimize", "--help"])
+    assert code == 0 and "--output_dir" in optimize and "--data.data_dir" in optimize and "litdata" in optimize

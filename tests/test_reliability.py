@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -92,15 +93,19 @@ def test_decompression_bombs_are_skipped(monkeypatch: pytest.MonkeyPatch, food10
     assert len(module.skipped_images) == 2
 
 
-def test_bad_images_in_the_cache_are_skipped_too(tmp_path: Path, dirty_food101: Path, tiny_vit: str) -> None:
-    module = Food101DataModule(data_dir=str(dirty_food101), train_split="train", val_size=0.25, num_workers=0, image_processor=tiny_vit, cache_dir=str(tmp_path / "cache"))
-    module.setup("fit")
-    trained = sum(len(module.on_after_batch_transfer(b, 0).get("labels", [])) for b in module.train_dataloader())
-    validated = sum(len(module.on_after_batch_transfer(b, 0).get("labels", [])) for b in module.val_dataloader())
-    assert len(module.skipped_images) == 3
-    bad_in_validation = sum(module.val_table.describe(i) in module.skipped_images for i in range(len(module.val_table)))
-    # Training batches stay full (a readable image takes an unreadable one's place); validation counts the readable.
-    assert trained == len(module.train_table) and validated == len(module.val_table) - bad_in_validation
+def test_optimize_reports_bad_images_as_fit_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dirty_food101: Path, tiny_vit: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [*common_args(tiny_vit, str(dirty_food101)), f"--data.optimized_dir={tmp_path / 'optimized'}"]
+    module = cli_main(["optimize", *[a for a in args if not a.startswith("--trainer")], f"--output_dir={tmp_path / 'optimized'}"]).datamodule
+    assert sorted(Path(p).relative_to(dirty_food101 / "images").as_posix()[:-4] for p in module.skipped_images) == sorted(BAD)
+    manifest = json.loads((tmp_path / "optimized" / "lit_lora_dataset.json").read_text())
+    assert sorted(manifest["unreadable"]) == sorted(module.skipped_images) and all(manifest["unreadable"].values())
+    assert sum(manifest["splits"].values()) == 64 - 3  # left out of the splits they were in
+    # fit on it lists them in its run folder as a fit on the files does.
+    with pytest.warns(UserWarning, match=r"skipped 3 unreadable image\(s\)"):
+        cli = cli_main(["fit", *args, "--trainer.max_epochs=1"])
+    lines = (Path(cli.trainer.log_dir) / "skipped_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(module.skipped_images)
 
 
 @pytest.mark.parametrize("kind", ["cmyk", "palette_alpha", "sixteen_bit", "exif_rotated", "grayscale"])

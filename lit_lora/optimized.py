@@ -1,0 +1,245 @@
+"""Optimized datasets: the splits ``fit`` uses, decoded once and written by litdata's ``optimize`` to a folder or an
+object-store URL (``s3://``, ``gs://``, ``azure://``), then streamed to every process by ``StreamingDataset``.
+
+A dataset is three litdata datasets, ``train/``, ``val/`` and ``test/`` (when the source has a test split), plus
+``lit_lora_dataset.json``, which describes them (class names, split sizes, the images left out, and a fingerprint of
+the source images and settings), written to a URL with litdata's own storage client (one set of credentials:
+``storage_options``, ``AWS_*`` variables). It is written first as ``incomplete`` and last as ``complete``: a killed
+``optimize`` is never mistaken for a dataset.
+
+Training images are stored upright RGB uint8 with the shorter side at ``train_side`` (never enlarged); random crops
+are taken from them. Validation and test images are stored as the evaluation transform's output (the exported image
+processor's resize and centre crop, on the fully decoded image), so evaluating an optimized dataset computes
+exactly what evaluating the files does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from litdata import StreamingDataset, optimize
+from PIL import Image
+from torchvision.transforms.v2 import functional as tvF
+
+from lit_lora.files import write_text
+from lit_lora.images import FileTable, HFTable, ImageTable, exif_orientation, raised_by_decoder, to_rgb
+from lit_lora.sampling import seeded_cpu_rng
+from lit_lora.transforms import ImageSettings, eval_transform, shorter_side_shape
+
+FORMAT = 1
+SPLITS = ("train", "val", "test")
+MANIFEST = "lit_lora_dataset.json"
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an object-store URL (``s3://...``) rather than a local folder."""
+    return "://" in str(location)
+
+
+def join(location: str, name: str) -> str:
+    """``location/name`` for folders and URLs alike."""
+    return f"{str(location).rstrip('/')}/{name}"
+
+
+def table_fingerprint(table: ImageTable) -> str:
+    """A digest that changes whenever the table's images (files: path, size, modification time; `datasets`: its
+    files and rows), their order or their labels change."""
+    digest = hashlib.sha1()
+    if isinstance(table, FileTable):
+        for path in table.paths:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    elif isinstance(table, HFTable):
+        for entry in table.dataset.cache_files:
+            stat = os.stat(entry["filename"])
+            digest.update(f"{entry['filename']}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{table.name}\t{table.rows}".encode())
+    else:
+        raise TypeError(f"cannot fingerprint a {type(table).__name__}")
+    digest.update(str(table.labels).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(tables: dict[str, ImageTable], class_names: list[str], settings: ImageSettings, train_side: int) -> str:
+    """What an optimized dataset was built from: the images of each split, the labels and the pixel settings."""
+    digest = hashlib.sha1(f"lit_lora-optimized-{FORMAT}\t{train_side}\t{settings}\t{class_names}".encode())
+    for split in sorted(tables):
+        digest.update(f"{split}:{table_fingerprint(tables[split])}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+class WriteImage:
+    """litdata ``optimize``'s function for one split: row -> ``{"image": uint8 CHW, "label", "name"}``.
+
+    Training rows are resized (never enlarged) to ``train_side`` on the shorter side, decoding JPEGs at reduced scale
+    where libjpeg can; evaluation rows (``settings`` given) get the exact evaluation transform. A file that cannot be
+    read is left out (None) and noted, with the reason, in a file of ``notes_dir`` (optimize's workers are processes).
+    """
+
+    def __init__(self, table: ImageTable, notes_dir: str, train_side: int | None = None, settings: ImageSettings | None = None) -> None:
+        self.table = table
+        self.notes_dir = notes_dir
+        self.train_side = train_side
+        self.evaluate = eval_transform(settings) if settings is not None else None
+        self._pid: int | None = None
+
+    def __call__(self, row: int) -> dict[str, Any] | None:
+        if self._pid != os.getpid():
+            # A forked worker: one torch thread, as torch's own DataLoader workers do (a forked copy of the parent's
+            # OpenMP pool can deadlock), and the worker is one of several already.
+            torch.set_num_threads(1)
+            self._pid = os.getpid()
+        try:
+            with self.table.open(row) as image:
+                pixels = self.evaluate(image) if self.evaluate is not None else self._resized(image)
+        except Exception as err:
+            if not raised_by_decoder(err):
+                raise
+            with open(Path(self.notes_dir) / f"unreadable-{os.getpid()}.tsv", "a") as notes:
+                notes.write(f"{self.table.describe(row)}\t{type(err).__name__}: {' '.join(str(err).split())}\n")
+            return None
+        # The name as bytes: litdata would store a string that names an existing image file as that image.
+        return {"image": pixels.contiguous(), "label": int(self.table.labels[row]), "name": self.table.describe(row).encode()}
+
+    def _resized(self, image: Image.Image) -> torch.Tensor:
+        sideways = exif_orientation(image) >= 5
+        width, height = image.size[::-1] if sideways else image.size  # as shown, upright
+        shape = (height, width) if min(width, height) <= self.train_side else shorter_side_shape(height, width, self.train_side)
+        image.draft("RGB", shape if sideways else shape[::-1])  # in stored orientation: (width, height)
+        pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return tvF.resize(pixels, list(shape), antialias=True) if tuple(pixels.shape[1:]) != shape else pixels
+
+
+def _provider(url: str, storage_options: dict[str, Any]) -> Any:
+    """litdata's own client for the URL's object store (the one its ``optimize`` uploads and its readers download
+    with)."""
+    from litdata.streaming.fs_provider import GCPFsProvider, R2FsProvider, S3FsProvider
+
+    scheme = url.split("://", 1)[0]
+    providers = {"s3": S3FsProvider, "gs": GCPFsProvider, "r2": R2FsProvider}
+    if scheme not in providers:
+        raise ValueError(f"optimized datasets at {scheme}:// URLs are not supported; use one of {[p + '://' for p in providers]} or a local folder.")
+    return providers[scheme](storage_options=dict(storage_options))
+
+
+def write_manifest(location: str, manifest: dict[str, Any], storage_options: dict[str, Any]) -> None:
+    """Write ``manifest`` as ``location/lit_lora_dataset.json`` (replacing any previous one; locally through a
+    temporary file, so a reader sees the old or the new one whole)."""
+    text = json.dumps(manifest, indent=1)
+    if not is_url(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        write_text(Path(location) / MANIFEST, text)
+        return
+    with tempfile.TemporaryDirectory(prefix="lit_lora-manifest-") as folder:
+        local = Path(folder) / MANIFEST
+        local.write_text(text)
+        _provider(location, storage_options).upload_file(str(local), join(location, MANIFEST))
+
+
+def read_manifest(location: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The manifest of the optimized dataset at ``location``; None when there is none (nothing optimized there).
+
+    Raises:
+        ValueError: ``location`` is a URL that cannot be read (credentials, endpoint, network), with the reason.
+    """
+    if not is_url(location):
+        path = Path(location).expanduser() / MANIFEST
+        return json.loads(path.read_text()) if path.is_file() else None
+    provider = _provider(location, storage_options or {})
+    try:
+        if not provider.exists(join(location, MANIFEST)):
+            return None
+        with tempfile.TemporaryDirectory(prefix="lit_lora-manifest-") as folder:
+            provider.download_file(join(location, MANIFEST), str(Path(folder) / MANIFEST))
+            return json.loads((Path(folder) / MANIFEST).read_text())
+    except Exception as err:  # the storage client's own errors (boto3, google-cloud-storage)
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"cannot read the optimized dataset at {location} ({type(err).__name__}: {reason}); check the URL, "
+            "--data.storage_options and the AWS_* variables"
+        ) from err
+
+
+def _start_method() -> str:
+    # Forked workers start at once; spawned ones import torch again (about 6 s each on a 2-core machine, for each
+    # split). A process that has started CUDA must not fork.
+    return "spawn" if torch.cuda.is_initialized() or os.name != "posix" else "fork"
+
+
+def write_splits(
+    location: str, tables: dict[str, ImageTable], manifest: dict[str, Any], settings: ImageSettings, train_side: int,
+    num_workers: int, storage_options: dict[str, Any], replace: bool,
+) -> dict[str, Any]:
+    """Optimize each split of ``tables`` into ``location/<split>``, then write the manifest (returned, completed with
+    the split sizes and the unreadable images, ``{name: reason}``)."""
+    storage_options = dict(storage_options or {})
+    if not is_url(location):
+        location = str(Path(location).expanduser().resolve())
+    write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
+    unreadable: dict[str, str] = {}
+    sizes = {}
+    with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes:
+        for split, table in tables.items():
+            fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
+            optimize(
+                fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes="64MB",
+                num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None,
+                storage_options=storage_options, start_method=_start_method(),
+            )
+            before = len(unreadable)
+            for path in sorted(Path(notes).glob("unreadable-*.tsv")):
+                for line in path.read_text().splitlines():
+                    name, reason = line.split("\t", 1)
+                    unreadable[name] = reason
+                path.unlink()
+            sizes[split] = len(table) - (len(unreadable) - before)
+    complete = {**manifest, "state": "complete", "splits": sizes, "unreadable": unreadable}
+    write_manifest(location, complete, storage_options)
+    return complete
+
+
+class OptimizedImages(StreamingDataset):
+    """One split of an optimized dataset, as the model's items: ``{"pixel_values": uint8 CHW, "labels", "index",
+    "path"}`` (``path``: the source file or row the image was made from).
+
+    Training items (``transform`` given) are cropped and flipped under a seed that is a function of ``(seed, epoch,
+    index)`` alone: the same augmentation whichever process or worker reads the item, so a resumed run sees exactly
+    what an uninterrupted one would have. Evaluation items are served as stored (already the evaluation crop).
+
+    Args:
+        location: the split's folder or URL (``<optimized_dir>/train``).
+        transform: training augmentation on uint8 CHW tensors; None serves the stored pixels.
+        shuffle: shuffle chunks and items anew each epoch (litdata's seeded shuffle).
+        seed: seed of the shuffle and of the augmentation.
+        storage_options: passed to litdata's storage client (``endpoint_url``, credentials, ...).
+        max_cache_size: how much of a remote split litdata keeps in its local chunk cache (``LITDATA_CACHE_DIR``).
+    """
+
+    def __init__(
+        self, location: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, shuffle: bool = False, seed: int = 42,
+        storage_options: dict[str, Any] | None = None, max_cache_size: str = "100GB",
+    ) -> None:
+        # Evaluation keeps every item (drop_last False: no rank pads its share with repeats); training lets litdata
+        # even out the ranks' shares (its default under DDP), so that every process runs the same number of steps.
+        super().__init__(
+            location, shuffle=shuffle, seed=seed, drop_last=None if transform is not None else False,
+            storage_options=dict(storage_options or {}), max_cache_size=max_cache_size,
+        )
+        self.augment = transform
+
+    def __getitem__(self, index: Any) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        position = int(getattr(index, "index", index))
+        pixels = item["image"]
+        if self.augment is not None:
+            with seeded_cpu_rng(hash((self.seed, self.current_epoch, position)) & (2**62 - 1)):
+                pixels = self.augment(pixels)
+        return {"pixel_values": pixels, "labels": item["label"], "index": position, "path": bytes(item["name"]).decode()}

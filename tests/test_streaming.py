@@ -1,0 +1,138 @@
+"""Optimized datasets (litdata) on a real S3 server and on disk: optimize, stream, resume, scale out, refuse."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import common_args
+
+from lit_lora.cli import cli_main
+from lit_lora.optimized import read_manifest
+
+DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+
+
+def data_args(tiny_vit: str, food101_dir: str) -> list[str]:
+    return [a for a in common_args(tiny_vit, food101_dir) if not a.startswith("--trainer")]
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def food101_on_s3(s3, tiny_vit: str, food101_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The fixture images optimized to the S3 server through the CLI."""
+    url = s3.url("food101")
+    work = tmp_path_factory.mktemp("optimize")
+    run_cli(["optimize", *data_args(tiny_vit, food101_dir), "--data.num_workers=2", f"--output_dir={url}"], work)
+    return url
+
+
+def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit: str, food101_dir: str, tmp_path: Path) -> None:
+    manifest = read_manifest(food101_on_s3)
+    assert manifest["state"] == "complete" and manifest["splits"] == {"train": 36, "val": 12, "test": 16}
+    assert manifest["class_names"] == ["tomato", "matcha", "blueberry", "banana"] and manifest["unreadable"] == {}
+    # The same images and settings again: nothing is rewritten. Another split of them: refused in one line.
+    again = cli_main(["optimize", *data_args(tiny_vit, food101_dir), f"--output_dir={food101_on_s3}"])
+    assert again.manifest == manifest
+    with pytest.raises(ValueError, match=r"holds an optimized dataset built from other images or settings .*--overwrite true"):
+        cli_main(["optimize", *data_args(tiny_vit, food101_dir), "--data.val_size=0.5", f"--output_dir={food101_on_s3}"])
+    assert read_manifest(food101_on_s3)["fingerprint"] == manifest["fingerprint"]
+
+
+def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
+    # Only the bucket: no image folder on this "node"; the labels come from the optimized dataset.
+    args = [f"--model.model_name_or_path={tiny_vit}", f"--data.optimized_dir={food101_on_s3}", "--data.batch_size=4", "--data.num_workers=0",
+            "--trainer.precision=32-true", "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.init_args.save_dir=checkpoints", "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false"]
+    run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_streaming.RecordImages"], tmp_path)
+    run = tmp_path / "checkpoints" / "run" / "version_0"
+    seen = [line.split() for rank in (0, 1) for line in (tmp_path / f"seen-rank{rank}.txt").read_text().splitlines()]
+    epochs = [[name for e, name in seen if e == epoch] for epoch in ("0", "1")]
+    for names in epochs:
+        # litdata evens out the processes' shares of the 36 training images to whole batches: 2 x 4 batches of 4,
+        # each image at most once; the few left over differ from epoch to epoch (a new shuffle).
+        assert len(names) == len(set(names)) == 32
+    assert set(epochs[0]) != set(epochs[1])
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 4
+
+    run_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
+    support = sum(int(r["support"]) for r in csv.DictReader((run / "validate" / "validate_report" / "per_class.csv").open()) if r["class"] in ("tomato", "matcha", "blueberry", "banana"))
+    assert support == 12  # every validation image counted once
+
+    out = tmp_path / "predictions.csv"
+    run_cli(["predict", *args, *DDP, f"--ckpt_path={run / 'adapter-last'}", f"--predictions.output_path={out}"], tmp_path)
+    paths = [r["path"] for r in csv.DictReader(out.open())]
+    assert len(paths) == len(set(paths)) == 16 and all("/images/" in p for p in paths)  # the test split, each image once
+
+
+class RecordImages(__import__("lightning").pytorch.Callback):
+    """Appends (epoch, image name) of every training image this process sees to seen-rank<N>.txt."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(f"seen-rank{trainer.global_rank}.txt", "a") as f:
+            f.write("".join(f"{trainer.current_epoch} {name}\n" for name in batch["path"]))
+
+
+def test_sigterm_mid_window_while_streaming_from_s3_resumes_exactly(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
+    """Accumulation 4, stopped by SIGTERM after 2 batches of a window in the second epoch, resumed: the same weights,
+    AdamW moments and learning rate as a run straight through, both streaming from the S3 server."""
+    args = ["fit", f"--model.model_name_or_path={tiny_vit}", f"--data.optimized_dir={food101_on_s3}", "--data.batch_size=8", "--data.num_workers=2",
+            "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=4",
+            "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=checkpoints",
+            "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false"]
+    for name in ("straight", "stopped"):
+        (tmp_path / name).mkdir()
+    run_cli(args, tmp_path / "straight")
+    stopped = run_cli([*args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.batch=1"], tmp_path / "stopped", check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
+    interrupted = torch.load(last, weights_only=True)
+    assert interrupted["global_step"] == 2 and "accumulated_gradients" in interrupted  # 5 batches per epoch: steps after 4 and 5
+    run_cli([*args, f"--ckpt_path={last}"], tmp_path / "stopped")
+
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for index, state in a["optimizer_states"][0]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[moment], b["optimizer_states"][0]["state"][index][moment]), (index, moment)
+    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
+
+
+def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
+    import shutil
+
+    images = Path(shutil.copytree(food101_dir, tmp_path / "food"))
+    monkeypatch.chdir(tmp_path)
+    args = [*common_args(tiny_vit, str(images)), f"--data.optimized_dir={tmp_path / 'optimized'}", "--trainer.max_epochs=1"]
+    cli = cli_main(["fit", *args])
+    assert cli.trainer.global_step == 5 and read_manifest(str(tmp_path / "optimized"))["splits"]["train"] == 36
+    built = (tmp_path / "optimized" / "train" / "index.json").stat().st_mtime_ns
+    cli_main(["validate", *args[:-1], f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}"])
+    assert (tmp_path / "optimized" / "train" / "index.json").stat().st_mtime_ns == built  # read, not rebuilt
+
+    (images / "images" / "tomato" / "0003.jpg").write_bytes((images / "images" / "matcha" / "0003.jpg").read_bytes())
+    with pytest.raises(ValueError, match=r"was built from other images or settings than data.data_dir .*--overwrite true"):
+        cli_main(["fit", *args])
+
+
+class RecordPixels(__import__("lightning").pytorch.Callback):
+    """Appends (epoch, image name, pixel sum) of every training image to pixels.txt."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open("pixels.txt", "a") as f:
+            f.write("".join(f"{trainer.current_epoch} {name} {int(p.sum())}\n" for name, p in zip(batch["path"], batch["pixel_values"])))
