@@ -54,7 +54,7 @@ def _lower_priority(worker_id: int) -> None:
 
     When the model computes on the same cores, its threads wait for each other after every operation, so a worker
     that preempts one of them stalls all of them; at lower priority the workers fill the cores' idle moments
-    instead (measured on 2 cores with the image cache: about 9% more training images/s).
+    instead (measured on 2 cores with pre-resized images: about 9% more training images/s).
     """
     os.nice(10)
 
@@ -215,46 +215,37 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         those of the optimized dataset."""
         if self._class_names is not None:
             return list(self._class_names)
-        if self.optimized_dir and (self.source is None or self._optimized_ready()):
+        if self.optimized_dir and (self.source is None or (optimized.read_manifest(self.optimized_dir, self.storage_options) or {}).get("state") == "complete"):
             return list(self.optimized_manifest()["class_names"])
         return list(self.source.class_names) if self.source is not None else None
 
-    def _optimized_ready(self) -> bool:
-        manifest = self._manifest or optimized.read_manifest(self.optimized_dir, self.storage_options)
-        return manifest is not None and manifest.get("state") == "complete"
+    def _optimized_splits(self) -> tuple[dict[str, ImageTable], dict[str, Any]]:
+        """The source's splits as ``optimize`` writes them (fit's, and the test split), and their description."""
+        source = self._require_source()
+        self._setup_files("fit")
+        tables = {"train": self.train_table, "val": self.val_table}
+        if self.test_split or source.test_split:
+            self._setup_files("test")
+            tables["test"] = self.test_table
+        names = list(source.class_names)
+        fingerprint = optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side)
+        return tables, {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint}
 
-    def _split_tables(self, stage: str) -> dict[str, ImageTable]:
-        """The source's tables for ``stage``: ``train`` and ``val`` for fit/validate, ``test`` for test."""
-        if stage in ("fit", "validate"):
-            self._setup_files("fit")
-            return {"train": self.train_table, "val": self.val_table}
-        self._setup_files("test")
-        return {"test": self.test_table}
-
-    def _optimized_settings(self, tables: dict[str, ImageTable]) -> dict[str, Any]:
-        names = list(self._require_source().class_names)
-        return {
-            "format": optimized.FORMAT, "class_names": names, "source": self._require_source().location,
-            "fingerprint": optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side),
-        }
-
-    def optimize(self, output_dir: str, overwrite: bool = False, num_workers: int | None = None) -> dict[str, Any]:
-        """Write the splits ``fit`` and ``test`` use (same seeded, stratified split) as litdata datasets under
-        ``output_dir`` (a folder or URL) and return the manifest. An identical dataset already there is kept.
+    def optimize(self, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
+        """Write the splits ``fit`` and ``test`` use (the same seeded, stratified split) as litdata datasets under
+        ``output_dir`` (a folder or URL), with ``num_workers`` processes; return the manifest. An identical dataset
+        already there is kept.
 
         Raises:
-            ValueError: ``output_dir`` holds a different dataset (and not ``overwrite``), or something else.
+            ValueError: ``output_dir`` holds a different dataset (and not ``overwrite``), or other files.
         """
-        tables = self._split_tables("fit")
-        source = self._require_source()
-        if self.test_split or source.test_split:
-            tables.update(self._split_tables("test"))
-        settings = self._optimized_settings(tables)
+        tables, description = self._optimized_splits()
         existing = optimized.read_manifest(output_dir, self.storage_options)
-        if existing is not None and existing.get("state") == "complete" and existing.get("fingerprint") == settings["fingerprint"]:
-            log.info(f"[lit_lora] {output_dir} already holds this optimized dataset ({existing['splits']} images); nothing to do")
+        complete = existing is not None and existing.get("state") == "complete"
+        if complete and existing.get("fingerprint") == description["fingerprint"]:
+            log.info(f"[lit_lora] {output_dir} already holds this optimized dataset ({existing['splits']} images)")
             return existing
-        if existing is not None and existing.get("state") == "complete" and not overwrite:
+        if complete and not overwrite:
             raise ValueError(
                 f"{output_dir} holds an optimized dataset built from other images or settings (from {existing.get('source')}); "
                 "pass --overwrite true to replace it, or choose another --output_dir."
@@ -263,20 +254,19 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if existing is None and local is not None and local.is_dir() and any(local.iterdir()):
             raise ValueError(f"{output_dir} is not empty and holds no optimized dataset; choose an empty or new --output_dir.")
         manifest = optimized.write_splits(
-            output_dir, tables, settings, self.image_settings, self.optimized_train_side,
-            self.num_workers if num_workers is None else num_workers, self.storage_options, replace=existing is not None,
+            output_dir, tables, description, self.image_settings, self.optimized_train_side, self.num_workers, self.storage_options,
+            replace=existing is not None,
         )
         bad = manifest["unreadable"]
         log.info(f"[lit_lora] optimized {manifest['splits']} images into {output_dir}" + (f"; {len(bad)} unreadable image(s) left out" if bad else ""))
         if bad and self.on_bad_image == "error":
-            where, reason = next(iter(bad.items()))
-            raise bad_image_error(where, reason)
+            raise bad_image_error(*next(iter(bad.items())))
         self.skipped_images.update(bad)
         return manifest
 
     def optimized_manifest(self) -> dict[str, Any]:
-        """The manifest of ``optimized_dir``, checked: complete, and (with a source configured) built from these
-        images and settings.
+        """The manifest of ``optimized_dir``, checked: complete, with these labels, and (with ``data_dir`` set) built
+        from its images and these settings.
 
         Raises:
             ValueError: there is no complete optimized dataset there, or it was built from something else.
@@ -284,27 +274,18 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if self._manifest is not None:
             return self._manifest
         manifest = optimized.read_manifest(self.optimized_dir, self.storage_options)
+        where = f"data.optimized_dir {self.optimized_dir}"
         if manifest is None or manifest.get("state") != "complete":
+            raise ValueError(f"{where} holds no complete optimized dataset; write one with `python -m lit_lora optimize --config ... --output_dir {self.optimized_dir}`.")
+        # Local files are cheap to check (a hub dataset would have to be loaded).
+        if self.data_dir and manifest["fingerprint"] != self._optimized_splits()[1]["fingerprint"]:
             raise ValueError(
-                f"data.optimized_dir {self.optimized_dir} holds no complete optimized dataset; write one with "
-                f"`python -m lit_lora optimize --config ... --output_dir {self.optimized_dir}`."
+                f"{where} was built from other images or settings than data.data_dir {self.data_dir} (files added, changed or "
+                "removed, or another split, seed or processor); rebuild it with `python -m lit_lora optimize ... --overwrite true`, "
+                "or drop --data.data_dir to use it as it is."
             )
-        if self.data_dir:  # local files: cheap to check (a hub dataset would have to be loaded)
-            tables = self._split_tables("fit")
-            if "test" in manifest["splits"]:
-                tables.update(self._split_tables("test"))
-            expected = self._optimized_settings(tables)["fingerprint"]
-            if manifest["fingerprint"] != expected:
-                raise ValueError(
-                        f"data.optimized_dir {self.optimized_dir} was built from other images or settings than "
-                    f"data.data_dir {self.data_dir} (files added, changed or removed, or another split, seed or processor); "
-                    "rebuild it with `python -m lit_lora optimize ... --overwrite true`, or drop --data.data_dir to use it as it is."
-                )
         if self._class_names is not None and self._class_names != manifest["class_names"]:
-            raise ValueError(
-                f"class_names {self._class_names[:5]}... (the checkpoint's or configured) differ from those of "
-                f"{self.optimized_dir}: {manifest['class_names'][:5]}... Use data with the same labels."
-            )
+            raise ValueError(f"class_names {self._class_names[:5]}... (the checkpoint's or configured) differ from those of {where}: {manifest['class_names'][:5]}...")
         self.skipped_images.update(manifest.get("unreadable", {}))
         self._manifest = manifest
         return manifest
@@ -314,10 +295,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         reads it)."""
         if not self.optimized_dir or optimized.is_url(self.optimized_dir):
             return
-        folder = Path(self.optimized_dir)
         existing = optimized.read_manifest(self.optimized_dir)
-        if (existing is None and (not folder.exists() or not any(folder.iterdir()))) or (existing and existing.get("state") != "complete"):
-            self.optimize(self.optimized_dir)  # a new one, or one whose writing was killed
+        folder = Path(self.optimized_dir)
+        if (existing or {}).get("state") == "incomplete" or (existing is None and not (folder.exists() and any(folder.iterdir()))):
+            self.optimize(self.optimized_dir)
 
     def setup(self, stage: str) -> None:
         """Select and split the images needed for ``stage`` (nothing is decoded here)."""

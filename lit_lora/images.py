@@ -60,7 +60,7 @@ class ImageTable:
 
     def read(self, i: int) -> contextlib.AbstractContextManager[Image.Image | torch.Tensor]:
         """Row ``i`` as the transforms take it: a lazily opened PIL image here; a uint8 CHW tensor (a view, no
-        copy) in tables that hold decoded pixels (the image cache). Use as ``with table.read(i) as image:``."""
+        copy) in tables that hold decoded pixels. Use as ``with table.read(i) as image:``."""
         return self.open(i)
 
     def load(self, i: int) -> Image.Image:
@@ -106,8 +106,8 @@ class FileTable(ImageTable):
 class HFTable(ImageTable):
     """Rows of a `datasets.Dataset` with an image column and a class-label column.
 
-    ``rows`` are the rows' numbers in the split ``name`` names (what messages, prediction files and the image
-    cache's key refer to); by default ``0..len(dataset)-1``.
+    ``rows`` are the rows' numbers in the split ``name`` names (what messages, prediction files and the
+    optimized dataset's fingerprint refer to); by default ``0..len(dataset)-1``.
     """
 
     def __init__(self, dataset: Any, image_column: str, label_column: str, name: str = "dataset", rows: Sequence[int] | None = None) -> None:

@@ -43,7 +43,7 @@ DEFAULT_STD = (0.5, 0.5, 0.5)
 # PIL resample codes (what processors store) that torchvision and PIL both offer with antialiasing.
 RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}
 
-# What the transforms take: a lazily opened PIL image, or decoded uint8 CHW pixels (`CachedTable.read`).
+# What the transforms take: a lazily opened PIL image, or decoded uint8 CHW pixels (optimized images).
 Picture = Image.Image | torch.Tensor
 
 
@@ -194,7 +194,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _upright_pixels(image: Picture) -> torch.Tensor:
-    """uint8 CHW pixels of an upright RGB image (cached pixels are already that)."""
+    """uint8 CHW pixels of an upright RGB image (optimized images are already that)."""
     return image if isinstance(image, torch.Tensor) else _to_tensor(to_rgb(image))
 
 
@@ -230,7 +230,7 @@ def _width_height(image: Picture) -> tuple[int, int]:
 
 def _crop_first(image: Picture) -> bool:
     """Whether the crop can be computed before decoding: a JPEG upright as stored (EXIF rotation would move the
-    crop), or pixels already decoded (the image cache's tensors)."""
+    crop), or pixels already decoded (optimized images)."""
     if isinstance(image, torch.Tensor):
         return True
     return image.format == "JPEG" and exif_orientation(image) == 1
@@ -270,7 +270,7 @@ class FastTrainCrop:
 
     Crop parameters come from torchvision (`RandomResizedCrop.get_params`, the same distribution), computed on
     the header's size; the decoder then works at the smallest scale that keeps the crop at full output resolution.
-    Images that are neither plain JPEGs nor cached pixels take the guide's path.
+    Images that are neither plain JPEGs nor decoded pixels take the guide's path.
     """
 
     def __init__(self, settings: ImageSettings, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:

@@ -47,7 +47,7 @@ def run_python(code: str, tiny_vit: str, food101_dir: str) -> None:
     exec(compile(code, "README.md", "exec"), {})
 
 
-def test_every_readme_command_and_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_vit: str, food101_dir: str) -> None:
+def test_every_readme_command_and_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_vit: str, food101_dir: str, s3) -> None:
     """In one folder, in the README's order: the demo, the recipe (fit, validate, predict, resume, export), the
     offline save_pretrained snippet and the fit on its folder, and the Python examples. The fresh-machine install
     and test commands are what CI runs (.ci/run)."""
@@ -67,7 +67,7 @@ def test_every_readme_command_and_example_runs(tmp_path: Path, monkeypatch: pyte
             if "pytest" in command:
                 continue  # the test command itself: .ci/run runs it
             command = command.split("&& .venv/bin/", 2)[-1].replace("python -m", "python -m", 1)
-        words = shlex.split(command)
+        words = shlex.split(command.replace("s3://my-bucket/", s3.url("readme-")))  # the test's S3 server
         assert words[:3] == ["python", "-m", "lit_lora"], command
         args = words[3:]
         if args[0] == "export":
@@ -84,11 +84,14 @@ def test_every_readme_command_and_example_runs(tmp_path: Path, monkeypatch: pyte
                     args += ["--trainer.max_epochs=2"]
             cli_main([a if a != "configs/demo.yaml" and a != "configs/food101_vit_lora.yaml" else str(REPO / a) for a in args])
         ran.append(args[0])
-    assert ran == ["fit", "fit", "validate", "predict", "fit", "fit", "export", "export"]
+    assert ran == ["fit", "fit", "validate", "predict", "fit", "fit", "export", "export", "optimize", "fit"]
     run = tmp_path / "checkpoints" / "food101_vit_lora" / "version_0"
     assert (run / "predict" / "predictions.csv").is_file() and (run / "validate" / "validate_report").is_dir()
     assert (tmp_path / "food101-lora" / "adapter_model.safetensors").is_file() and (tmp_path / "food101-vit" / "model.safetensors").is_file()
     assert (tmp_path / "models" / "vit-base" / "config.json").is_file()
+    from lit_lora.optimized import read_manifest
+
+    assert read_manifest(s3.url("readme-food101"))["state"] == "complete"
 
     text = README.read_text()
     run_python(python_blocks(text)[0], tiny_vit, food101_dir)  # the first screen's five lines
