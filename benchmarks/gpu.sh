@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark, prepared for one call of the device tool on one H100/H200 (no network there; the wheels of the
-# packages its image lacks travel in .whl/, see the device tool's README):
+# packages its image lacks travel in .whl/, see the device tool's README). Fill .whl/ here first, e.g.:
+#   pip download -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps \
+#     datasets dill multiprocess jsonargparse docstring-parser typeshed-client litdata obstore boto3 botocore s3transfer jmespath tifffile
 #
 #   bash benchmarks/gpu.sh [IMAGES] [EPOCHS]          # default 10000 generated 512 px JPEGs, 2 epochs
 #   RECIPE=1 bash benchmarks/gpu.sh                    # the recipe's size instead: 5,000 images (4,500/500), 5 epochs

@@ -113,11 +113,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             seed: seed of the train/validation split.
             batch_size: images per training batch (per process).
             eval_batch_size: images per validation/test/predict batch; defaults to ``batch_size``.
-            num_workers: loader worker processes; defaults to the number of CPU cores available (at most 16),
-                except that optimized images are then cropped in the training process itself when the model
-                computes on the CPU (its threads use every core already; worker processes would add a copy of
-                every batch through shared memory). When the model trains on the CPU, workers run at a lower
-                priority (nice 10) than its threads. ``optimize`` always uses this many processes.
+            num_workers: loader worker processes, and ``optimize``'s; defaults to the number of CPU cores available
+                (at most 16). When the model trains on the CPU, workers run at a lower priority (nice 10) than its
+                threads.
             pin_memory: pin host memory of batches for faster copies to the GPU.
             persistent_workers: keep workers alive between epochs.
             image_processor: model id or folder whose image processor gives the crop size, the resize side and the
@@ -160,7 +158,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self._num_workers_given = num_workers is not None
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.predict_dir = predict_dir
@@ -400,7 +397,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def _loader(self, table: ImageTable | OptimizedImages | None, train: bool) -> DataLoader:
         assert table is not None, "setup() was not called for this stage"
-        workers = self._loader_workers(table)
+        workers = self.num_workers
         common = dict(
             collate_fn=collate_skipping_bad_images, batch_size=self.batch_size if train else self.eval_batch_size, num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.persistent_workers and workers > 0,
@@ -437,19 +434,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             with_path=table is self.predict_table,
         )
         return (ResumableDataLoader if train else DataLoader)(dataset, sampler=sampler, drop_last=False, **common)
-
-    def _loader_workers(self, table: ImageTable | OptimizedImages) -> int:
-        """``num_workers``, or by default none for optimized images when the model computes on the CPU.
-
-        Cropping a pre-resized image costs about 0.3 ms; a worker's batch of 128 crops then crosses to the training
-        process through 19 MB of fresh shared memory, page by page, while the model's threads keep both cores
-        busy. Measured on 2 cores (3 epochs of ``benchmarks/compare.py`` on pre-resized images): 28.3-30.8 s
-        in-process against 29.6-31.8 s with 2 workers, 1.0 against 4.0 s of system time. JPEGs (2-3 ms each) still
-        go to workers: in-process they cost 19.7 s an epoch there against 16 s.
-        """
-        if not self._num_workers_given and isinstance(table, OptimizedImages) and self._computing_on_cpu():
-            return 0
-        return self.num_workers
 
     def _computing_on_cpu(self) -> bool:
         return self.trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator)

@@ -77,7 +77,7 @@ def fingerprint(tables: dict[str, ImageTable], class_names: list[str], settings:
 
 
 class WriteImage:
-    """litdata ``optimize``'s function for one split: row -> ``{"image": uint8 CHW, "label", "name"}``.
+    """litdata ``optimize``'s function for one split: row -> ``{"image": uint8 HWC, "label", "name"}``.
 
     Training rows are resized (never enlarged) to ``train_side`` on the shorter side, decoding JPEGs at reduced scale
     where libjpeg can; evaluation rows (``settings`` given) get the exact evaluation transform. A file that cannot be
@@ -107,7 +107,9 @@ class WriteImage:
                 notes.write(f"{self.table.describe(row)}\t{type(err).__name__}: {' '.join(str(err).split())}\n")
             return None
         # The name as bytes: litdata would store a string that names an existing image file as that image.
-        return {"image": pixels.contiguous(), "label": int(self.table.labels[row]), "name": self.table.describe(row).encode()}
+        # HWC in the chunk: read back as a CHW view with channels-last strides, which torch's uint8 antialiased resize
+        # takes on its vectorised path (1.2 against 0.5 ms per 224 px training crop on a 2-core EPYC).
+        return {"image": pixels.permute(1, 2, 0).contiguous(), "label": int(self.table.labels[row]), "name": self.table.describe(row).encode()}
 
     def _resized(self, image: Image.Image) -> torch.Tensor:
         sideways = exif_orientation(image) >= 5
@@ -191,7 +193,7 @@ def write_splits(
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             optimize(
                 fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes="64MB",
-                num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None,
+                num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
                 storage_options=storage_options, start_method=_start_method(),
             )
             before = len(unreadable)
@@ -238,7 +240,7 @@ class OptimizedImages(StreamingDataset):
     def __getitem__(self, index: Any) -> dict[str, Any]:
         item = super().__getitem__(index)
         position = int(getattr(index, "index", index))
-        pixels = item["image"]
+        pixels = item["image"].permute(2, 0, 1)
         if self.augment is not None:
             with seeded_cpu_rng(hash((self.seed, self.current_epoch, position)) & (2**62 - 1)):
                 pixels = self.augment(pixels)

@@ -256,29 +256,6 @@ def test_loader_workers_yield_the_cpu_to_training_on_the_cpu(food101_dir: str) -
     assert module.train_dataloader().worker_init_fn is None
 
 
-def test_optimized_images_load_in_the_training_process_when_training_on_the_cpu(tmp_path: Path, food101_dir: str) -> None:
-    import lightning.pytorch as pl
-
-    cpu = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    module = Food101DataModule(data_dir=food101_dir, train_split="train", optimized_dir=str(tmp_path / "optimized"), optimized_train_side=40)
-    module.prepare_data()
-    module.setup("fit")
-    module.trainer = cpu
-    assert module.num_workers > 0
-    assert module.train_dataloader().num_workers == module.val_dataloader().num_workers == 0
-    assert not module.train_dataloader().persistent_workers
-    module.trainer = None  # not on a CPU trainer: worker processes as usual
-    assert module.train_dataloader().num_workers == module.num_workers
-    chosen = Food101DataModule(data_dir=food101_dir, train_split="train", optimized_dir=str(tmp_path / "optimized"), optimized_train_side=40, num_workers=1)
-    chosen.setup("fit")
-    chosen.trainer = cpu
-    assert chosen.train_dataloader().num_workers == 1  # an explicit num_workers is kept
-    uncached = Food101DataModule(data_dir=food101_dir, train_split="train")
-    uncached.setup("fit")
-    uncached.trainer = cpu
-    assert uncached.train_dataloader().num_workers == uncached.num_workers  # JPEGs: workers
-
-
 def test_food101_data_module_is_the_general_one_with_the_guides_defaults(class_folders_dir: str) -> None:
     from lit_lora import ImageClassificationDataModule
 
