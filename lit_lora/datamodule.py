@@ -12,13 +12,12 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader
 
 from lit_lora import demo, log, optimized
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
-from lit_lora.optimized import OptimizedImages
+from lit_lora.optimized import OptimizedImages, StreamingDataLoader
 from lit_lora.sampling import LoadsStateOnce, ResumableDataLoader, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split

@@ -15,17 +15,20 @@ exactly what evaluating the files does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
+import signal
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from litdata import StreamingDataset, optimize
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
@@ -33,6 +36,9 @@ from lit_lora.files import write_text
 from lit_lora.images import FileTable, HFTable, ImageTable, exif_orientation, raised_by_decoder, to_rgb
 from lit_lora.sampling import seeded_cpu_rng
 from lit_lora.transforms import ImageSettings, eval_transform, shorter_side_shape
+
+with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
+    from litdata import StreamingDataLoader, StreamingDataset, optimize  # noqa: F401 (StreamingDataLoader: for datamodule.py)
 
 FORMAT = 1
 SPLITS = ("train", "val", "test")
@@ -170,6 +176,19 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
         ) from err
 
 
+@contextlib.contextmanager
+def _keeping_process_state() -> Any:
+    """Put back what litdata's ``optimize`` changes for the whole process and leaves so: the multiprocessing start
+    method (``set_start_method(..., force=True)``) and the SIGINT handler (its own, bound to a finished job). The
+    user's pools and Ctrl-C handling (Lightning's, the CLI's) keep theirs."""
+    method, handler = multiprocessing.get_start_method(allow_none=True), signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(method, force=True)
+        signal.signal(signal.SIGINT, handler)
+
+
 def _start_method() -> str:
     # Forked workers start at once; spawned ones import torch again (about 6 s each on a 2-core machine, for each
     # split). A process that has started CUDA must not fork.
@@ -188,7 +207,7 @@ def write_splits(
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
     sizes = {}
-    with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes:
+    with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes, _keeping_process_state():
         for split, table in tables.items():
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             optimize(

@@ -29,6 +29,7 @@ def logged(run: Path, key: str) -> list[float]:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
+@pytest.mark.slow  # 70 s; tests/test_streaming.py runs fit, validate and predict on two processes in the default run
 def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     # val_size 0.3 of 48 -> 14 validation images: uneven over 2 processes (a padded sampler would count 2 twice).
     args = [a for a in common_args(tiny_vit, food101_dir) if "val_size" not in a] + ["--data.val_size=0.3", "--data.batch_size=4"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoints import assert_same_training_state
 from test_cli import common_args
 
 from lit_lora.cli import cli_main
@@ -31,11 +32,10 @@ def run_cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comple
 
 
 @pytest.fixture(scope="module")
-def food101_on_s3(s3, tiny_vit: str, food101_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+def food101_on_s3(s3, tiny_vit: str, food101_dir: str) -> str:
     """The fixture images optimized to the S3 server through the CLI."""
     url = s3.url("food101")
-    work = tmp_path_factory.mktemp("optimize")
-    run_cli(["optimize", *data_args(tiny_vit, food101_dir), "--data.num_workers=2", f"--output_dir={url}"], work)
+    cli_main(["optimize", *data_args(tiny_vit, food101_dir), "--data.num_workers=2", f"--output_dir={url}"])
     return url
 
 
@@ -102,15 +102,7 @@ def test_sigterm_mid_window_while_streaming_from_s3_resumes_exactly(food101_on_s
     assert interrupted["global_step"] == 2 and "accumulated_gradients" in interrupted  # 5 batches per epoch: steps after 4 and 5
     run_cli([*args, f"--ckpt_path={last}"], tmp_path / "stopped")
 
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)
-    b = torch.load(last, weights_only=True)
-    assert a["global_step"] == b["global_step"] == 6
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for index, state in a["optimizer_states"][0]["state"].items():
-        for moment in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[moment], b["optimizer_states"][0]["state"][index][moment]), (index, moment)
-    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
+    assert_same_training_state(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=6)
 
 
 def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
@@ -129,10 +121,3 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
     with pytest.raises(ValueError, match=r"was built from other images or settings than data.data_dir .*--overwrite true"):
         cli_main(["fit", *args])
 
-
-class RecordPixels(__import__("lightning").pytorch.Callback):
-    """Appends (epoch, image name, pixel sum) of every training image to pixels.txt."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        with open("pixels.txt", "a") as f:
-            f.write("".join(f"{trainer.current_epoch} {name} {int(p.sum())}\n" for name, p in zip(batch["path"], batch["pixel_values"])))
