@@ -219,6 +219,7 @@ def test_kill_while_writing_keeps_the_previous_checkpoint_and_the_next_run_clean
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 10  # both epochs: 5 batches each
 
 
+@pytest.mark.slow  # 20 s; the default run keeps test_kill_while_writing_keeps_the_previous_checkpoint_and_the_next_run_cleans_up
 def test_a_kill_during_the_first_adapter_write_is_repaired_even_with_nothing_left_to_train(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     killed = run_fit(tmp_path, "--trainer.max_epochs=1", "--trainer.callbacks+=test_trust.KillWhileWriting", "--trainer.callbacks.init_args.what=adapter", tiny_vit=tiny_vit, food101_dir=food101_dir)
     assert killed.returncode == -signal.SIGKILL
@@ -327,6 +328,7 @@ def test_validate_test_and_predict_leave_the_training_run_untouched(trained: Pat
     assert sorted(p.name for p in trained.parent.iterdir()) == ["version_0"]  # no new version folder
 
 
+@pytest.mark.slow  # 31 s; the default run resumes after SIGTERM in test_checkpoints.py and test_streaming.py
 def test_interrupted_validation_is_run_again_and_resume_continues_the_same_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """SIGTERM in the middle of epoch 0's validation, then resume: the best checkpoint, adapter/ and the metrics
     equal an uninterrupted run's, all in the one version folder. (Learning rate 0: every epoch scores the same,
