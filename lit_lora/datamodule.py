@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import Counter
 from pathlib import Path
@@ -218,11 +219,15 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _optimized_splits(self) -> tuple[dict[str, ImageTable], dict[str, Any]]:
         """The source's splits as ``optimize`` writes them (fit's, and the test split), and their description."""
         source = self._require_source()
-        self._setup_files("fit")
-        tables = {"train": self.train_table, "val": self.val_table}
+        files = copy.copy(self)  # its own table attributes: setup may have put streamed datasets in this one's
+        for name in ("train_table", "val_table", "test_table"):
+            if not isinstance(getattr(files, name), ImageTable):
+                setattr(files, name, None)
+        files._setup_files("fit")
+        tables = {"train": files.train_table, "val": files.val_table}
         if self.test_split or source.test_split:
-            self._setup_files("test")
-            tables["test"] = self.test_table
+            files._setup_files("test")
+            tables["test"] = files.test_table
         names = list(source.class_names)
         fingerprint = optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side)
         return tables, {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint}

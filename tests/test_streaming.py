@@ -116,6 +116,7 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
     built = (tmp_path / "optimized" / "train" / "index.json").stat().st_mtime_ns
     cli_main(["validate", *args[:-1], f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}"])
     assert (tmp_path / "optimized" / "train" / "index.json").stat().st_mtime_ns == built  # read, not rebuilt
+    assert cli.datamodule.optimize(str(tmp_path / "optimized"))["splits"]["train"] == 36  # after streaming: still the same dataset
 
     (images / "images" / "tomato" / "0003.jpg").write_bytes((images / "images" / "matcha" / "0003.jpg").read_bytes())
     with pytest.raises(ValueError, match=r"was built from other images or settings than data.data_dir .*--overwrite true"):
