@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import signal
 import tempfile
 import warnings
@@ -179,14 +180,23 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
 @contextlib.contextmanager
 def _keeping_process_state() -> Any:
     """Put back what litdata's ``optimize`` changes for the whole process and leaves so: the multiprocessing start
-    method (``set_start_method(..., force=True)``) and the SIGINT handler (its own, bound to a finished job). The
-    user's pools and Ctrl-C handling (Lightning's, the CLI's) keep theirs."""
+    method (``set_start_method(..., force=True)``), the SIGINT handler (its own, bound to a finished job) and the
+    global random generators of ``random``, NumPy and torch (it seeds all three with its own seed). The user's pools,
+    Ctrl-C handling (Lightning's, the CLI's) and seeded runs keep theirs: a fit that builds its dataset first
+    initialises its weights as a fit on a dataset built before does."""
     method, handler = multiprocessing.get_start_method(allow_none=True), signal.getsignal(signal.SIGINT)
+    generators = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
         multiprocessing.set_start_method(method, force=True)
         signal.signal(signal.SIGINT, handler)
+        random.setstate(generators[0])
+        np.random.set_state(generators[1])
+        torch.set_rng_state(generators[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _start_method() -> str:

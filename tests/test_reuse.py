@@ -189,7 +189,8 @@ def test_every_lora_option_survives_the_adapter_folder(tmp_path: Path, tiny_vit:
 def test_a_fit_with_the_public_classes_changes_no_process_state(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """In a fresh interpreter (a notebook's, say) that has imported Lightning and transformers: the matplotlib
     backend, umask, logging handlers, warnings filters and signal handlers are the same after importing lit_lora and
-    a fit with AdapterCheckpoint and lit_lora's reports as before, and no figure is left open in pyplot."""
+    a fit with AdapterCheckpoint and lit_lora's reports as before, and no figure is left open in pyplot; building an
+    optimized dataset leaves the global random generators (``random``, NumPy, torch) as they were."""
     script = f"""
 import logging, multiprocessing, os, signal, sys, warnings
 import matplotlib
@@ -203,9 +204,13 @@ import lightning.pytorch as pl, transformers, peft, torchvision, litdata  # thei
 before = state()
 from lit_lora import AdapterCheckpoint, Food101DataModule, LoRAImageClassifier
 from lit_lora.report import plot_training_curves, write_report
-import numpy as np
+import random, numpy as np, torch
 data = Food101DataModule(data_dir={food101_dir!r}, train_split="train", num_workers=0, image_processor={tiny_vit!r}, batch_size=8)
+def generators():
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+seeded = generators()
 Food101DataModule(data_dir={food101_dir!r}, train_split="train", num_workers=1, image_processor={tiny_vit!r}, optimized_dir="optimized").prepare_data()
+assert generators() == seeded, "optimize changed the global random generators"
 model = LoRAImageClassifier({tiny_vit!r}, class_names=data.class_names)
 trainer = pl.Trainer(accelerator="cpu", max_epochs=1, default_root_dir={str(tmp_path)!r}, enable_progress_bar=False, callbacks=[AdapterCheckpoint()])
 trainer.fit(model, datamodule=data)
