@@ -44,6 +44,13 @@ with warnings.catch_warnings():  # litdata adds warning filters for everyone as 
 FORMAT = 1
 SPLITS = ("train", "val", "test")
 MANIFEST = "lit_lora_dataset.json"
+# Small chunks, each decoded whole once it is local. litdata 0.2.76 memory-maps a downloaded chunk only when one loader
+# worker alone reads it; a chunk that several workers share (most of them, shuffled) is read from disk whole for every
+# few items it serves. With 64 MB chunks that made shuffled training from S3 run at 12 % of the same dataset on local
+# disk (233 vs 1,929 images/s, 2 workers, warm cache); with 8 MB chunks decoded whole, 101 % (1,803 vs 1,776):
+# `python benchmarks/streaming.py --images 3000` on the 2-core CPU machine (benchmarks/README.md).
+CHUNK_BYTES = "8MB"
+BATCH_DECODE = "chunk"
 
 
 def is_url(location: str) -> bool:
@@ -221,7 +228,7 @@ def write_splits(
         for split, table in tables.items():
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             optimize(
-                fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes="64MB",
+                fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
                 num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
                 storage_options=storage_options, start_method=_start_method(),
             )
@@ -262,7 +269,7 @@ class OptimizedImages(StreamingDataset):
         # even out the ranks' shares (its default under DDP), so that every process runs the same number of steps.
         super().__init__(
             location, shuffle=shuffle, seed=seed, drop_last=None if transform is not None else False,
-            storage_options=dict(storage_options or {}), max_cache_size=max_cache_size,
+            storage_options=dict(storage_options or {}), max_cache_size=max_cache_size, batch_decode=BATCH_DECODE,
         )
         self.augment = transform
 
