@@ -212,8 +212,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         those of the optimized dataset."""
         if self._class_names is not None:
             return list(self._class_names)
-        if self.optimized_dir and (self.source is None or (optimized.read_manifest(self.optimized_dir, self.storage_options) or {}).get("state") == "complete"):
-            return list(self.optimized_manifest()["class_names"])
+        if self.optimized_dir:
+            manifest = self._manifest or optimized.read_manifest(self.optimized_dir, self.storage_options)
+            if self.source is None or (manifest or {}).get("state") == "complete":
+                return list(self.optimized_manifest(manifest)["class_names"])
         return list(self.source.class_names) if self.source is not None else None
 
     def _optimized_splits(self) -> tuple[dict[str, ImageTable], dict[str, Any]]:
@@ -265,16 +267,19 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.skipped_images.update(bad)
         return manifest
 
-    def optimized_manifest(self) -> dict[str, Any]:
+    def optimized_manifest(self, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
         """The manifest of ``optimized_dir``, checked: complete, with these labels, and (with ``data_dir`` set) built
         from its images and these settings.
+
+        Args:
+            manifest: the manifest as just read from ``optimized_dir`` (read here when None).
 
         Raises:
             ValueError: there is no complete optimized dataset there, or it was built from something else.
         """
         if self._manifest is not None:
             return self._manifest
-        manifest = optimized.read_manifest(self.optimized_dir, self.storage_options)
+        manifest = manifest or optimized.read_manifest(self.optimized_dir, self.storage_options)
         where = f"data.optimized_dir {self.optimized_dir}"
         if manifest is None or manifest.get("state") != "complete":
             raise ValueError(f"{where} holds no complete optimized dataset; write one with `python -m lit_lora optimize --config ... --output_dir {self.optimized_dir}`.")

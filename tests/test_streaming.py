@@ -13,6 +13,7 @@ import torch
 from test_checkpoints import assert_same_training_state
 from test_cli import common_args
 
+from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
 from lit_lora.optimized import read_manifest
 
@@ -39,7 +40,7 @@ def food101_on_s3(s3, tiny_vit: str, food101_dir: str) -> str:
     return url
 
 
-def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit: str, food101_dir: str, tmp_path: Path) -> None:
+def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = read_manifest(food101_on_s3)
     assert manifest["state"] == "complete" and manifest["splits"] == {"train": 36, "val": 12, "test": 16}
     assert manifest["class_names"] == ["tomato", "matcha", "blueberry", "banana"] and manifest["unreadable"] == {}
@@ -49,6 +50,13 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit:
     with pytest.raises(ValueError, match=r"holds an optimized dataset built from other images or settings .*--overwrite true"):
         cli_main(["optimize", *data_args(tiny_vit, food101_dir), "--data.val_size=0.5", f"--output_dir={food101_on_s3}"])
     assert read_manifest(food101_on_s3)["fingerprint"] == manifest["fingerprint"]
+    # Asked for its labels (the CLI asks more than once) and set up, a data module reads the bucket's manifest once.
+    reads = []
+    monkeypatch.setattr(optimized, "read_manifest", lambda *args: reads.append(args) or read_manifest(*args))
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, optimized_dir=food101_on_s3)
+    assert data.class_names == data.class_names == manifest["class_names"]
+    data.setup("fit")
+    assert len(reads) == 1 and len(data.train_table) == 36
 
 
 def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
