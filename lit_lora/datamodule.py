@@ -144,7 +144,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 the standard ``AWS_*`` variables work without it.
             optimized_train_side: shorter side of the optimized training images; random crops are taken from these.
             on_bad_image: what to do with a file that cannot be read (truncated, empty, not an image, too large):
-                ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops.
+                ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops (on an optimized
+                dataset that left such files out: before training).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model's hyperparameters hold the labels
@@ -292,7 +293,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             )
         if self._class_names is not None and self._class_names != manifest["class_names"]:
             raise ValueError(f"class_names {self._class_names[:5]}... (the checkpoint's or configured) differ from those of {where}: {manifest['class_names'][:5]}...")
-        self.skipped_images.update(manifest.get("unreadable", {}))
+        unreadable = manifest.get("unreadable") or {}
+        if unreadable and self.on_bad_image == "error":  # as optimize itself and a fit on the files would stop
+            raise bad_image_error(*next(iter(unreadable.items())))
+        self.skipped_images.update(unreadable)
         self._manifest = manifest
         return manifest
 

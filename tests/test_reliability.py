@@ -106,6 +106,9 @@ def test_optimize_reports_bad_images_as_fit_does(tmp_path: Path, monkeypatch: py
         cli = cli_main(["fit", *args, "--trainer.max_epochs=1"])
     lines = (Path(cli.trainer.log_dir) / "skipped_images.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == sorted(module.skipped_images)
+    # With on_bad_image error, a fit on it stops as a fit on the files would, before training.
+    with pytest.raises(BadImageError, match=r"cannot read image .*(0001|0002|0003)\.jpg .*on_bad_image skip"):
+        cli_main(["fit", *args, "--data.on_bad_image=error", "--trainer.max_epochs=1"])
 
 
 @pytest.mark.parametrize("kind", ["cmyk", "palette_alpha", "sixteen_bit", "exif_rotated", "grayscale"])
