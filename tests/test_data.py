@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 from lit_lora import Food101DataModule
 from lit_lora.images import to_rgb
+from lit_lora.optimized import OptimizedImages, read_manifest
 from lit_lora.sources import open_hf_dataset, open_local_folder
 from lit_lora.splits import slice_indices, stratified_split
 
@@ -86,6 +87,16 @@ def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) 
     exact_module.setup("test")
     exact = next(iter(exact_module.test_dataloader()))
     assert "encoded" not in batch and torch.equal(batch["pixel_values"], exact["pixel_values"])
+
+    # Optimized from the `datasets` rows (forked optimize workers read them): fit's split, and the test rows' exact
+    # evaluation pixels, each under its row's name.
+    Food101DataModule(dataset=str(tmp_path / "ds"), train_split="train", val_size=0.25, num_workers=2, optimized_dir=str(tmp_path / "optimized")).prepare_data()
+    module.setup("fit")
+    manifest = read_manifest(str(tmp_path / "optimized"))
+    assert manifest["class_names"] == names and manifest["splits"] == {"train": len(module.train_table), "val": len(module.val_table), "test": 4}
+    stored = {item["path"]: item["pixel_values"] for item in OptimizedImages(str(tmp_path / "optimized" / "test"))}
+    expected = {exact_module.test_table.describe(int(i)): pixels for i, pixels in zip(exact["index"], exact["pixel_values"])}
+    assert stored.keys() == expected.keys() and all(torch.equal(stored[name], expected[name]) for name in expected)
 
 
 def test_slicing_follows_datasets_grammar() -> None:
