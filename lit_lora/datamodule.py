@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import Counter
 from pathlib import Path
@@ -222,15 +221,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _optimized_splits(self) -> tuple[dict[str, ImageTable], dict[str, Any]]:
         """The source's splits as ``optimize`` writes them (fit's, and the test split), and their description."""
         source = self._require_source()
-        files = copy.copy(self)  # its own table attributes: setup may have put streamed datasets in this one's
-        for name in ("train_table", "val_table", "test_table"):
-            if not isinstance(getattr(files, name), ImageTable):
-                setattr(files, name, None)
-        files._setup_files("fit")
-        tables = {"train": files.train_table, "val": files.val_table}
+        train, val = self._train_and_val_files()
+        tables = {"train": train, "val": val}
         if self.test_split or source.test_split:
-            files._setup_files("test")
-            tables["test"] = files.test_table
+            tables["test"] = self._test_files()
         names = list(source.class_names)
         fingerprint = optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side)
         return tables, {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint}
@@ -337,39 +331,42 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def _setup_files(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_table is None:
-            source = self._require_source()
-            selected = source.select(self.train_split)
-            if len(selected) == 0:
-                raise ValueError(f"train_split {self.train_split!r} selects no image from {source.location}.")
-            self._warn_if_classes_missing(selected)
-            if self.val_split is not None:
-                train, validation = selected, source.select(self.val_split)
-                if len(validation) == 0:
-                    raise ValueError(f"val_split {self.val_split!r} selects no image from {source.location}.")
-                origin = f"validation: {self.val_split}"
-            else:
-                train_rows, val_rows = stratified_split(selected.labels, self.val_size, self.seed)
-                if not val_rows or not train_rows:
-                    raise ValueError(
-                        f"val_size {self.val_size} of {len(selected)} images leaves an empty train or validation set."
-                    )
-                train, validation = selected.subset(train_rows), selected.subset(val_rows)
-                origin = f"val_size={self.val_size}, seed={self.seed}"
-            self.train_table, self.val_table = train, self._mixed(validation)
-            log.info(
-                f"[lit_lora] {self.train_split}: {len(self.train_table)} train / {len(self.val_table)} validation "
-                f"images ({origin})"
-            )
+            self.train_table, self.val_table = self._train_and_val_files()
         if stage == "test" and self.test_table is None:
-            source = self._require_source()
-            split = self.test_split or source.test_split
-            if split is None:
-                raise ValueError(
-                    f"{source.location} has no test split (splits: {list(source.split_sizes)}); set --data.test_split."
-                )
-            self.test_table = self._mixed(source.select(split))
+            self.test_table = self._test_files()
         if stage == "predict" and self.predict_table is None:
             self.predict_table = self._predict_files()
+
+    def _train_and_val_files(self) -> tuple[ImageTable, ImageTable]:
+        """fit's training and validation images: ``train_split`` and ``val_split``, or the seeded, stratified
+        ``val_size`` share of ``train_split`` held out."""
+        source = self._require_source()
+        selected = source.select(self.train_split)
+        if len(selected) == 0:
+            raise ValueError(f"train_split {self.train_split!r} selects no image from {source.location}.")
+        self._warn_if_classes_missing(selected)
+        if self.val_split is not None:
+            train, validation = selected, source.select(self.val_split)
+            if len(validation) == 0:
+                raise ValueError(f"val_split {self.val_split!r} selects no image from {source.location}.")
+            origin = f"validation: {self.val_split}"
+        else:
+            train_rows, val_rows = stratified_split(selected.labels, self.val_size, self.seed)
+            if not val_rows or not train_rows:
+                raise ValueError(
+                    f"val_size {self.val_size} of {len(selected)} images leaves an empty train or validation set."
+                )
+            train, validation = selected.subset(train_rows), selected.subset(val_rows)
+            origin = f"val_size={self.val_size}, seed={self.seed}"
+        log.info(f"[lit_lora] {self.train_split}: {len(train)} train / {len(validation)} validation images ({origin})")
+        return train, self._mixed(validation)
+
+    def _test_files(self) -> ImageTable:
+        source = self._require_source()
+        split = self.test_split or source.test_split
+        if split is None:
+            raise ValueError(f"{source.location} has no test split (splits: {list(source.split_sizes)}); set --data.test_split.")
+        return self._mixed(source.select(split))
 
     def _mixed(self, table: ImageTable) -> ImageTable:
         """``table`` in one fixed, seeded order across classes (sources list images grouped by class), so that any
