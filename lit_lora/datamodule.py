@@ -94,6 +94,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         optimized_dir: str | None = None,
         storage_options: dict[str, Any] | None = None,
         optimized_train_side: int = 256,
+        optimized_cache_size: str | float | None = None,
         on_bad_image: Literal["skip", "error"] = "skip",
     ) -> None:
         """Describe where the images are and how they are batched.
@@ -142,6 +143,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             storage_options: passed to litdata's storage client for ``optimized_dir`` URLs (e.g. ``endpoint_url``);
                 the standard ``AWS_*`` variables work without it.
             optimized_train_side: shorter side of the optimized training images; random crops are taken from these.
+            optimized_cache_size: how much of an ``optimized_dir`` URL each node keeps in litdata's chunk cache
+                (``LITDATA_CACHE_DIR``), e.g. ``200GB`` or ``0.5`` of the free disk; chunks beyond it are deleted once
+                read and downloaded again next epoch. By default litdata's: 75 % of the free disk, leaving 50 GB free.
             on_bad_image: what to do with a file that cannot be read (truncated, empty, not an image, too large):
                 ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops (on an optimized
                 dataset that left such files out: before training).
@@ -167,6 +171,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.optimized_dir = optimized_dir if optimized_dir is None or optimized.is_url(optimized_dir) else str(Path(optimized_dir).expanduser())
         self.storage_options = dict(storage_options or {})
         self.optimized_train_side = optimized_train_side
+        self.optimized_cache_size = optimized_cache_size
         self._manifest: dict[str, Any] | None = None
         self.on_bad_image = on_bad_image
         self.skipped_images: dict[str, str] = {}  # file -> reason, filled as batches arrive
@@ -318,7 +323,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.optimized_dir {self.optimized_dir} has no {split} split (it has {list(manifest['splits'])}).")
 
         def stream(name: str, **kwargs: Any) -> OptimizedImages:
-            return OptimizedImages(optimized.join(self.optimized_dir, name), seed=self.seed, storage_options=self.storage_options, **kwargs)
+            return OptimizedImages(
+                optimized.join(self.optimized_dir, name), seed=self.seed, storage_options=self.storage_options,
+                max_cache_size=self.optimized_cache_size, **kwargs,
+            )
 
         if stage in ("fit", "validate"):
             self.train_table = stream("train", transform=train_transform(self.image_settings), shuffle=True)

@@ -258,12 +258,14 @@ class OptimizedImages(StreamingDataset):
         shuffle: shuffle chunks and items anew each epoch (litdata's seeded shuffle).
         seed: seed of the shuffle and of the augmentation.
         storage_options: passed to litdata's storage client (``endpoint_url``, credentials, ...).
-        max_cache_size: how much of a remote split litdata keeps in its local chunk cache (``LITDATA_CACHE_DIR``).
+        max_cache_size: how much of a remote split litdata keeps in its local chunk cache (``LITDATA_CACHE_DIR``):
+            ``"200GB"``, or a fraction of the free disk; None: litdata's default (75 % of the free disk, leaving 50 GB
+            free where it can).
     """
 
     def __init__(
         self, location: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, shuffle: bool = False, seed: int = 42,
-        storage_options: dict[str, Any] | None = None, max_cache_size: str = "100GB",
+        storage_options: dict[str, Any] | None = None, max_cache_size: str | float | None = None,
     ) -> None:
         # Evaluation keeps every item (drop_last False: no rank pads its share with repeats); training lets litdata
         # even out the ranks' shares (its default under DDP), so that every process runs the same number of steps.

@@ -53,10 +53,16 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit:
     # Asked for its labels (the CLI asks more than once) and set up, a data module reads the bucket's manifest once.
     reads = []
     monkeypatch.setattr(optimized, "read_manifest", lambda *args: reads.append(args) or read_manifest(*args))
-    data = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, optimized_dir=food101_on_s3)
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, optimized_dir=food101_on_s3,
+                             optimized_cache_size="30GB")
     assert data.class_names == data.class_names == manifest["class_names"]
     data.setup("fit")
     assert len(reads) == 1 and len(data.train_table) == 36
+    # The node's chunk cache: as configured, else litdata's own budget (a share of the free disk), not a fixed size.
+    assert data.train_table.max_cache_size == data.val_table.max_cache_size == "30GB"
+    default = Food101DataModule(optimized_dir=food101_on_s3, image_processor=tiny_vit, dataset=None)
+    default.setup("fit")
+    assert default.train_table.max_cache_size is None
 
 
 def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
