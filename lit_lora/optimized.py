@@ -42,7 +42,6 @@ with warnings.catch_warnings():  # litdata adds warning filters for everyone as 
     from litdata import StreamingDataLoader, StreamingDataset, optimize  # noqa: F401 (StreamingDataLoader: for datamodule.py)
 
 FORMAT = 1
-SPLITS = ("train", "val", "test")
 MANIFEST = "lit_lora_dataset.json"
 # Small chunks, each decoded whole once it is local. litdata 0.2.76 memory-maps a downloaded chunk only when one loader
 # worker alone reads it; a chunk that several workers share (most of them, shuffled) is read from disk whole for every
