@@ -307,7 +307,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         existing = optimized.read_manifest(self.optimized_dir)
         folder = Path(self.optimized_dir)
         if (existing or {}).get("state") == "incomplete" or (existing is None and not (folder.exists() and any(folder.iterdir()))):
-            self.optimize(self.optimized_dir)
+            # Built here from this source and these settings: setup need not select and fingerprint the files again.
+            self._manifest = self.optimize(self.optimized_dir)
 
     def setup(self, stage: str) -> None:
         """Select and split the images needed for ``stage`` (nothing is decoded here)."""

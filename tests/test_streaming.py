@@ -15,7 +15,7 @@ from test_cli import common_args
 
 from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
-from lit_lora.optimized import read_manifest
+from lit_lora.optimized import fingerprint, read_manifest
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
@@ -125,8 +125,12 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
     images = Path(shutil.copytree(food101_dir, tmp_path / "food"))
     monkeypatch.chdir(tmp_path)
     args = [*common_args(tiny_vit, str(images)), f"--data.optimized_dir={tmp_path / 'optimized'}", "--trainer.max_epochs=1"]
+    fingerprinted = []
+    monkeypatch.setattr(optimized, "fingerprint", lambda *a: fingerprinted.append(a) or fingerprint(*a))
     cli = cli_main(["fit", *args])
     assert cli.trainer.global_step == 5 and read_manifest(str(tmp_path / "optimized"))["splits"]["train"] == 36
+    assert len(fingerprinted) == 1  # built in prepare_data: setup does not select and fingerprint the files again
+    monkeypatch.setattr(optimized, "fingerprint", fingerprint)
     built = (tmp_path / "optimized" / "train" / "index.json").stat().st_mtime_ns
     cli_main(["validate", *args[:-1], f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}"])
     assert (tmp_path / "optimized" / "train" / "index.json").stat().st_mtime_ns == built  # read, not rebuilt
