@@ -71,14 +71,17 @@ def s3_server(folder: Path, timeout: float = 60.0) -> Iterator[S3Server]:
     """Start SeaweedFS's all-in-one server under ``folder`` (data, certificates, log), wait until its S3 API answers
     over HTTPS, yield it, and stop it."""
     ca, cert, key = make_certificates(folder / "tls")
-    data = folder / "data"
+    data, scratch = folder / "data", folder / "tmp"
     data.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(exist_ok=True)
     names = ["master.port", "volume.port", "filer.port", "s3.port", "s3.port.https", "admin.port", "webdav.port", "debug.port", "s3.debug.port"]
     names += ["master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc"]
     ports = dict(zip(names, _free_ports(len(names))))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "S3_BUCKET": BUCKET}
+    # TMPDIR: weed keeps its volume indexes and its logs in the temporary folder; inside ``folder`` they go with it
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "S3_BUCKET": BUCKET, "TMPDIR": str(scratch)}
     command = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.cert.file={cert}", f"-s3.key.file={key}", "-admin.ui=false"]
     command += [f"-{name}={port}" for name, port in ports.items()]
+    command += [f"-filer.localSocket={scratch / 'filer.sock'}", f"-s3.localSocket={scratch / 's3.sock'}"]  # not in /tmp
     log = (folder / "weed.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     endpoint = f"https://127.0.0.1:{ports['s3.port.https']}"
@@ -87,7 +90,7 @@ def s3_server(folder: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         "AWS_DEFAULT_REGION": "us-east-1", "SSL_CERT_FILE": str(ca), "AWS_CA_BUNDLE": str(ca),
     }
     try:
-        _wait_for_bucket(endpoint, ca, process, folder / "weed.log", timeout)
+        _wait_until_it_stores(endpoint, ca, process, folder / "weed.log", timeout)
         yield S3Server(endpoint, BUCKET, ca, client_env)
     finally:
         process.terminate()
@@ -99,7 +102,7 @@ def s3_server(folder: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         log.close()
 
 
-def _wait_for_bucket(endpoint: str, ca: Path, process: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_until_it_stores(endpoint: str, ca: Path, process: subprocess.Popen, log: Path, timeout: float) -> None:
     import boto3
     from botocore.config import Config
 
@@ -113,8 +116,15 @@ def _wait_for_bucket(endpoint: str, ca: Path, process: subprocess.Popen, log: Pa
             raise RuntimeError(f"weed exited with {process.returncode}: {log.read_text()[-2000:]}")
         try:
             client.head_bucket(Bucket=BUCKET)
-            return
+            break
         except Exception as err:  # not up yet
             last = err
             time.sleep(0.5)
-    raise RuntimeError(f"the S3 server did not answer within {timeout} s ({last}); log: {log.read_text()[-2000:]}")
+    else:
+        raise RuntimeError(f"the S3 server did not answer within {timeout} s ({last}); log: {log.read_text()[-2000:]}")
+    try:  # a server that answers but cannot store (a full disk: InternalError on every upload) fails here, saying so
+        client.put_object(Bucket=BUCKET, Key="lit-lora-probe", Body=b"probe")
+        client.delete_object(Bucket=BUCKET, Key="lit-lora-probe")
+    except Exception as err:
+        free = shutil.disk_usage(log.parent).free / 2**30
+        raise RuntimeError(f"the S3 server cannot store an object ({err}); {free:.1f} GiB free on its disk; log: {log.read_text()[-2000:]}") from err
