@@ -48,19 +48,19 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
 
-    from compare import make_images, make_model
-    from s3_server import s3_server
-
-    from lit_lora import Food101DataModule
-
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model(args.work_dir / "vit-small", vit_b16=False)
-    data = make_images(args.work_dir / f"images-{args.images}", args.images)
-    common = dict(data_dir=str(data), train_split="train", val_size=0.1, image_processor=str(model))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": args.images}
     with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="streaming-") as work:
         work = Path(work)
-        os.environ["LITDATA_CACHE_DIR"] = str(work / "litdata-cache")
+        os.environ["LITDATA_CACHE_DIR"] = str(work / "litdata-cache")  # before litdata is imported: it reads it once
+        from compare import make_images, make_model
+        from s3_server import s3_server
+
+        from lit_lora import Food101DataModule
+
+        model = make_model(args.work_dir / "vit-small", vit_b16=False)
+        data = make_images(args.work_dir / f"images-{args.images}", args.images)
+        common = dict(data_dir=str(data), train_split="train", val_size=0.1, image_processor=str(model))
         files = Food101DataModule(**common)
         files.setup("fit")
         results["jpeg folder"] = epochs_per_second(files, args.epochs)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # Before transformers/datasets are imported anywhere: nothing in the tests may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before litdata is imported (it reads this once): its chunk cache in a folder of the test run, not ~/.lightning.
+os.environ["LITDATA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lit_lora-tests-litdata-")
 
 from pathlib import Path
 
@@ -18,12 +22,16 @@ from PIL import Image
 from lit_lora.demo import build_tiny_vit, shape_image
 
 CLASSES = ("tomato", "matcha", "blueberry", "banana")
+LITDATA_CACHE = os.environ["LITDATA_CACHE_DIR"]
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "lit_lora_cache"))
-    monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "litdata_cache"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(LITDATA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
