@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -116,25 +119,26 @@ class RecordImages(pl.Callback):
             f.write("".join(f"{trainer.current_epoch} {int(i)}\n" for i in batch["index"]))
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT"])  # SIGTERM: the accumulation-window and validation tests
-def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, tiny_vit: str, food101_dir: str, signal_name: str) -> None:
-    import os
-    import subprocess
-    import sys
-    from collections import Counter
-
+def fit_in_a_new_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m lit_lora fit ARGS`` in its own interpreter (one that a signal may stop), finding this folder's callbacks."""
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "lit_lora", "fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.callbacks+=test_checkpoints.RecordImages"]
-    interrupted = subprocess.run(args + ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.signal_name={signal_name}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "lit_lora", "fit", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT"])  # SIGTERM: the accumulation-window and validation tests
+def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, signal_name: str) -> None:
+    from collections import Counter
+
+    args = [*common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.callbacks+=test_checkpoints.RecordImages"]
+    interrupted = fit_in_a_new_process(args + ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.signal_name={signal_name}"], tmp_path)
     assert interrupted.returncode == {"SIGTERM": 143, "SIGINT": 130}[signal_name]  # as shells report either stop
     last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
     assert f"saved {last.relative_to(tmp_path)}" in interrupted.stderr or f"saved {last}" in interrupted.stderr
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 5 + 3  # 5 batches in epoch 0, batches 0-2 of epoch 1
 
-    resumed = subprocess.run(args + [f"--ckpt_path={last}"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fit(tmp_path, monkeypatch, args, f"--ckpt_path={last}")  # resumed in this process: no second interpreter start-up
     final = torch.load(last, weights_only=True)
     assert final["global_step"] == 15
     seen = Counter(tuple(map(int, line.split())) for line in (tmp_path / "images_seen.txt").read_text().splitlines())
@@ -143,46 +147,36 @@ def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, tiny_vit
     assert Counter(epoch for epoch, _ in seen) == {0: 36, 1: 36, 2: 36}
 
 
-def accumulating_fit(tiny_vit: str, food101_dir: str) -> tuple[list[str], dict]:
-    import os
-    import sys
-
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "lit_lora", "fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=4"]
-    return args, env
+def accumulating_fit(tiny_vit: str, food101_dir: str) -> list[str]:
+    return [*common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=4"]
 
 
 @pytest.fixture(scope="module")
 def straight_accumulating_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit: str, food101_dir: str) -> Path:
     """The recipe's accumulation, 3 epochs straight through (the reference the interrupted runs must equal)."""
-    import subprocess
-
     folder = tmp_path_factory.mktemp("straight")
-    args, env = accumulating_fit(tiny_vit, food101_dir)
-    straight = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        fit(folder, patch, accumulating_fit(tiny_vit, food101_dir))
     return folder
 
 
 @pytest.mark.parametrize("batches_done", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a whole window (slow run only)
-def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, tiny_vit: str, food101_dir: str, batches_done: int, straight_accumulating_run: Path) -> None:
+def test_sigterm_inside_an_accumulation_window_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, batches_done: int, straight_accumulating_run: Path
+) -> None:
     """The recipe accumulates 4 batches per optimizer step: stopping after 2 batches of a window (or after a whole
     one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through."""
-    import subprocess
-
-    args, env = accumulating_fit(tiny_vit, food101_dir)
+    args = accumulating_fit(tiny_vit, food101_dir)
     (tmp_path / "stopped").mkdir()
     stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}"]
-    stopped = subprocess.run(args + stop, cwd=tmp_path / "stopped", env=env, capture_output=True, text=True)
+    stopped = fit_in_a_new_process(args + stop, tmp_path / "stopped")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
     interrupted = torch.load(last, weights_only=True)
     # 5 batches per epoch: steps after batches 4 and 5; then 2 (mid-window) or 4 (a whole window) of epoch 1.
     assert interrupted["global_step"] == 2 + batches_done // 4
     assert ("accumulated_gradients" in interrupted) == (batches_done % 4 != 0)
-    resumed = subprocess.run(args + [f"--ckpt_path={last}"], cwd=tmp_path / "stopped", env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fit(tmp_path / "stopped", monkeypatch, args, f"--ckpt_path={last}")
 
     assert_same_training_state(straight_accumulating_run / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=6)
 
