@@ -60,7 +60,23 @@ def _lower_priority(worker_id: int) -> None:
 
 class ResumableStreamingDataLoader(LoadsStateOnce, StreamingDataLoader):
     """litdata's `StreamingDataLoader`, resumable through its own `state_dict`, which tolerates being handed the same
-    state twice (see `LoadsStateOnce`)."""
+    state twice (see `LoadsStateOnce`) and a run that read the same chunks from another local folder.
+
+    litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
+    resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
+    worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
+    saved on other data (another dataset, or image files) is refused in one line.
+    """
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, dataset = state.get("dataset") or {}, self.dataset
+        same = saved.get("input_dir_url") == dataset.input_dir.url and saved.get("subsampled_files") == list(dataset.subsampled_files)
+        if not (same and [list(r) for r in saved.get("region_of_interest", [])] == [list(r) for r in dataset.region_of_interest]):
+            raise ValueError(
+                f"the checkpoint was saved while training on other data than {dataset.input_dir.url or dataset.input_dir.path} (another "
+                "optimized dataset, or the image files): resume with the data it was trained on, or start a new fit without --ckpt_path."
+            )
+        super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):

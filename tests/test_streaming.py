@@ -24,8 +24,8 @@ def data_args(tiny_vit: str, food101_dir: str) -> list[str]:
     return [a for a in common_args(tiny_vit, food101_dir) if not a.startswith("--trainer")]
 
 
-def run_cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent), **env}
     result = subprocess.run([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -99,22 +99,26 @@ class RecordImages(__import__("lightning").pytorch.Callback):
             f.write("".join(f"{trainer.current_epoch} {name}\n" for name in batch["path"]))
 
 
-def test_sigterm_mid_window_while_streaming_from_s3_resumes_exactly(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
+def test_sigterm_mid_window_while_streaming_from_s3_resumes_exactly(food101_on_s3: str, tiny_vit: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Accumulation 4, stopped by SIGTERM after 2 batches of a window in the second epoch, resumed: the same weights,
-    AdamW moments and learning rate as a run straight through, both streaming from the S3 server."""
+    AdamW moments and learning rate as a run straight through, both streaming from the S3 server. The stopped run
+    caches the chunks in another folder (as on another node), and only it needs an interpreter of its own."""
     args = ["fit", f"--model.model_name_or_path={tiny_vit}", f"--data.optimized_dir={food101_on_s3}", "--data.batch_size=8", "--data.num_workers=2",
             "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=4",
             "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=checkpoints",
             "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false"]
     for name in ("straight", "stopped"):
         (tmp_path / name).mkdir()
-    run_cli(args, tmp_path / "straight")
-    stopped = run_cli([*args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.batch=1"], tmp_path / "stopped", check=False)
+    monkeypatch.chdir(tmp_path / "straight")
+    cli_main(args)
+    stopped = run_cli([*args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.batch=1"], tmp_path / "stopped", check=False,
+                      LITDATA_CACHE_DIR=str(tmp_path / "another-chunk-cache"))
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
     interrupted = torch.load(last, weights_only=True)
     assert interrupted["global_step"] == 2 and "accumulated_gradients" in interrupted  # 5 batches per epoch: steps after 4 and 5
-    run_cli([*args, f"--ckpt_path={last}"], tmp_path / "stopped")
+    monkeypatch.chdir(tmp_path / "stopped")
+    cli_main([*args, f"--ckpt_path={last}"])
 
     assert_same_training_state(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=6)
 
@@ -140,3 +144,31 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
     with pytest.raises(ValueError, match=r"was built from other images or settings than data.data_dir .*--overwrite true"):
         cli_main(["fit", *args])
 
+
+
+def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """A local optimized dataset copied elsewhere (a node's own disk) between the interruption and the resume: the
+    loader goes on where it stopped, with the same augmented pixels (litdata alone refuses a state saved elsewhere).
+    A position in other data (another split of the images) is refused in one line."""
+    import shutil
+
+    def training_loader(folder: Path, val_size: float = 0.25):
+        module = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=val_size, image_processor=tiny_vit, optimized_dir=str(folder),
+                                   batch_size=4, num_workers=0)
+        module.prepare_data()
+        module.setup("fit")
+        return module.train_dataloader()
+
+    first = training_loader(tmp_path / "here")
+    batches = iter(first)
+    next(batches), next(batches)
+    state = first.state_dict()
+    rest = [(batch["path"], batch["pixel_values"]) for batch in batches]
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+    resumed = training_loader(tmp_path / "there")
+    resumed.load_state_dict(state)
+    again = [(batch["path"], batch["pixel_values"]) for batch in resumed]
+    assert len(again) == len(rest) == 9 - 2
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(again, rest))
+    with pytest.raises(ValueError, match=r"saved while training on other data than .*other/train .*start a new fit"):
+        training_loader(tmp_path / "other", val_size=0.5).load_state_dict(state)
