@@ -340,8 +340,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.optimized_dir {self.optimized_dir} has no {split} split (it has {list(manifest['splits'])}).")
 
         def stream(name: str, **kwargs: Any) -> OptimizedImages:
+            folder = manifest.get("folders", {}).get(name, name)  # a test split also validated on is stored once, as val
             return OptimizedImages(
-                optimized.join(self.optimized_dir, name), seed=self.seed, storage_options=self.storage_options,
+                optimized.join(self.optimized_dir, folder), seed=self.seed, storage_options=self.storage_options,
                 max_cache_size=self.optimized_cache_size, **kwargs,
             )
 

@@ -1,7 +1,8 @@
 """Optimized datasets: the splits ``fit`` uses, decoded once and written by litdata's ``optimize`` to a folder or an
 object-store URL (``s3://``, ``gs://``, ``azure://``), then streamed to every process by ``StreamingDataset``.
 
-A dataset is three litdata datasets, ``train/``, ``val/`` and ``test/`` (when the source has a test split), plus
+A dataset is three litdata datasets, ``train/``, ``val/`` and ``test/`` (when the source has a test split, and is not
+the one validated on: that is stored once, as ``val/``), plus
 ``lit_lora_dataset.json``, which describes them (class names, split sizes, the images left out, and a fingerprint of
 the source images and settings), written to a URL with litdata's own storage client (one set of credentials:
 ``storage_options``, ``AWS_*`` variables). It is written first as ``incomplete`` and last as ``complete``: a killed
@@ -216,15 +217,20 @@ def write_splits(
     num_workers: int, storage_options: dict[str, Any], replace: bool,
 ) -> dict[str, Any]:
     """Optimize each split of ``tables`` into ``location/<split>``, then write the manifest (returned, completed with
-    the split sizes and the unreadable images, ``{name: reason}``)."""
+    the split sizes, the unreadable images, ``{name: reason}``, and ``folders``: an evaluation split with the same
+    images as one before it, e.g. a test split also validated on, is written once, ``{"test": "val"}``)."""
     storage_options = dict(storage_options or {})
     if not is_url(location):
         location = str(Path(location).expanduser().resolve())
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
-    sizes = {}
+    sizes, folders, evaluation_splits = {}, {}, {}  # evaluation_splits: table fingerprint -> the split written with it
     with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes, _keeping_process_state():
         for split, table in tables.items():
+            same = evaluation_splits.setdefault(table_fingerprint(table), split) if split != "train" else split
+            if same != split:
+                folders[split], sizes[split] = same, sizes[same]
+                continue
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             optimize(
                 fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
@@ -238,7 +244,7 @@ def write_splits(
                     unreadable[name] = reason
                 path.unlink()
             sizes[split] = len(table) - (len(unreadable) - before)
-    complete = {**manifest, "state": "complete", "splits": sizes, "unreadable": unreadable}
+    complete = {**manifest, "state": "complete", "splits": sizes, "folders": folders, "unreadable": unreadable}
     write_manifest(location, complete, storage_options)
     return complete
 

@@ -172,3 +172,15 @@ def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tm
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(again, rest))
     with pytest.raises(ValueError, match=r"saved while training on other data than .*other/train .*start a new fit"):
         training_loader(tmp_path / "other", val_size=0.5).load_state_dict(state)
+
+
+def test_a_test_split_that_is_also_validated_on_is_written_once(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    settings = dict(data_dir=food101_dir, train_split="train", val_split="test", image_processor=tiny_vit, num_workers=0)
+    manifest = Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+    assert manifest["splits"] == {"train": 48, "val": 16, "test": 16} and manifest["folders"] == {"test": "val"}
+    assert sorted(p.name for p in (tmp_path / "optimized").iterdir()) == ["lit_lora_dataset.json", "train", "val"]
+    module = Food101DataModule(**settings, optimized_dir=str(tmp_path / "optimized"))
+    module.setup("test")
+    files = Food101DataModule(**settings)
+    files.setup("test")
+    assert [item["path"] for item in module.test_table] == files.test_table.paths  # the test images, in test's order
