@@ -32,6 +32,8 @@ LIBRARY_WARNINGS = (
     r"Found keys that are in the model state dict but not in the checkpoint.*",  # the frozen base, by design
     r"The dirpath has changed.*",
     r".*exists and is not empty.*",
+    r"Your `IterableDataset` has `__len__` defined.*",  # Lightning on litdata's datasets, which shard per worker themselves
+    r"The given buffer is not writable.*",  # torch, as litdata reads a read-only chunk (lit_lora never writes into it)
 )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
+from lit_lora import log
 from lit_lora.files import write_text
 from lit_lora.images import FileTable, HFTable, ImageTable, exif_orientation, raised_by_decoder, to_rgb
 from lit_lora.sampling import seeded_cpu_rng
@@ -232,11 +234,15 @@ def write_splits(
                 folders[split], sizes[split] = same, sizes[same]
                 continue
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
-            optimize(
-                fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
-                num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
-                storage_options=storage_options, start_method=_start_method(),
-            )
+            log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
+            # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
+            # worker's start and end); its progress bar, on standard error, stays.
+            with contextlib.redirect_stdout(io.StringIO()):
+                optimize(
+                    fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
+                    num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
+                    storage_options=storage_options, start_method=_start_method(),
+                )
             before = len(unreadable)
             for path in sorted(Path(notes).glob("unreadable-*.tsv")):
                 for line in path.read_text().splitlines():

@@ -10,8 +10,10 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Before litdata is imported (it reads this once): its chunk cache in a folder of the test run, not ~/.lightning.
-os.environ["LITDATA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lit_lora-tests-litdata-")
+# Caches in one folder of the test run, removed at its end: the demo's assets (built once), and litdata's chunks (set
+# before litdata is imported, as it reads this once). Not in ~/.cache or ~/.lightning.
+os.environ["LIT_LORA_CACHE"] = tempfile.mkdtemp(prefix="lit_lora-tests-")
+os.environ["LITDATA_CACHE_DIR"] = os.path.join(os.environ["LIT_LORA_CACHE"], "litdata")
 
 from pathlib import Path
 
@@ -22,16 +24,11 @@ from PIL import Image
 from lit_lora.demo import build_tiny_vit, shape_image
 
 CLASSES = ("tomato", "matcha", "blueberry", "banana")
-LITDATA_CACHE = os.environ["LITDATA_CACHE_DIR"]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "lit_lora_cache"))
+CACHES = os.environ["LIT_LORA_CACHE"]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(LITDATA_CACHE, ignore_errors=True)
+    shutil.rmtree(CACHES, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

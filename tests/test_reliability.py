@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,24 +25,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch of the demo (8 classes) through the command line; returns its run folder."""
+    """One epoch of the demo (8 classes) through the command line, on an optimized dataset it builds first (in
+    ``<folder>/optimized``); returns its run folder."""
     folder = tmp_path_factory.mktemp("demo")
-    result = run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.max_epochs=1"], folder)
+    result = run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.max_epochs=1", f"--data.optimized_dir={folder / 'optimized'}"], folder)
     assert result.returncode == 0, result.stderr[-2000:]
     (folder / "fit_output.txt").write_text(result.stdout + result.stderr)
     return folder / "checkpoints" / "demo" / "version_0"
 
 
 def test_the_console_shows_lit_loras_lines_not_library_chatter(tmp_path: Path, trained_demo: Path) -> None:
+    # fit optimized the images and streamed them; validate streams them, predict reads image files.
     demo = ["--config", str(REPO / "configs" / "demo.yaml")]
     outputs = {"fit": (trained_demo.parents[2] / "fit_output.txt").read_text()}
-    for command, extra in (("validate", [f"--ckpt_path={trained_demo / 'last.ckpt'}"]), ("predict", [f"--ckpt_path={trained_demo / 'adapter'}", f"--data.predict_dir={trained_demo}"])):
+    validate = [f"--ckpt_path={trained_demo / 'last.ckpt'}", f"--data.optimized_dir={trained_demo.parents[2] / 'optimized'}"]
+    for command, extra in (("validate", validate), ("predict", [f"--ckpt_path={trained_demo / 'adapter'}", f"--data.predict_dir={trained_demo}"])):
         result = run_cli([command, *demo, *extra], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[command] = result.stdout + result.stderr
+    litdata = ("Create an account", "Storing the files", "inferred the following", "Worker 0 is", "Finished data processing", "buffer is not writable")
+    lightning = ("GPU available", "dirpath has changed", "has `__len__` defined")
     for command, output in outputs.items():
-        for chatter in ("LOAD REPORT", "litlogger", "Found keys", "GPU available", "is_gradient_checkpointing", "dirpath has changed", "Loading weights"):
+        for chatter in ("LOAD REPORT", "litlogger", "Found keys", "is_gradient_checkpointing", "Loading weights", *lightning, *litdata):
             assert chatter not in output, (command, chatter)
+    assert "[lit_lora] optimizing train: 384 images into" in outputs["fit"] and "Progress: 100%" in outputs["fit"]  # litdata's bar stays
     assert "[lit_lora] trainable params:" in outputs["fit"] and "[lit_lora] fit finished" in outputs["fit"]
     assert "[lit_lora] validate report" in outputs["validate"] and "[lit_lora] wrote 2 predictions" in outputs["predict"]  # the run folder's two PNGs
     verbose = run_cli(["--verbose", "validate", *demo, f"--ckpt_path={trained_demo / 'last.ckpt'}"], tmp_path)
@@ -163,8 +168,7 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 
 def run_cli(args: list[str], cwd: Path, offline: bool = True) -> subprocess.CompletedProcess:
-    cache = os.environ.get("LIT_LORA_CACHE") or str(Path(tempfile.gettempdir()) / "lit_lora_test_cache")
-    env = {"PATH": "", "LIT_LORA_CACHE": cache, **({"HF_HUB_OFFLINE": "1"} if offline else {})}
+    env = {"PATH": "", "LIT_LORA_CACHE": os.environ["LIT_LORA_CACHE"], **({"HF_HUB_OFFLINE": "1"} if offline else {})}
     return subprocess.run([sys.executable, "-m", "lit_lora", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
