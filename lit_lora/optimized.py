@@ -226,10 +226,11 @@ def write_splits(
         location = str(Path(location).expanduser().resolve())
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
-    sizes, folders, evaluation_splits = {}, {}, {}  # evaluation_splits: table fingerprint -> the split written with it
+    sizes, folders, evaluation_splits = {}, {}, {}  # evaluation_splits: (rows, labels) -> the split written with them
     with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes, _keeping_process_state():
         for split, table in tables.items():
-            same = evaluation_splits.setdefault(table_fingerprint(table), split) if split != "train" else split
+            rows = (tuple(map(table.describe, range(len(table)))), tuple(table.labels))
+            same = evaluation_splits.setdefault(rows, split) if split != "train" else split
             if same != split:
                 folders[split], sizes[split] = same, sizes[same]
                 continue

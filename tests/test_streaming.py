@@ -145,7 +145,6 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
         cli_main(["fit", *args])
 
 
-
 def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """A local optimized dataset copied elsewhere (a node's own disk) between the interruption and the resume: the
     loader goes on where it stopped, with the same augmented pixels (litdata alone refuses a state saved elsewhere).
