@@ -70,8 +70,8 @@ class ResumableStreamingDataLoader(LoadsStateOnce, StreamingDataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, dataset = state.get("dataset") or {}, self.dataset
-        same = saved.get("input_dir_url") == dataset.input_dir.url and saved.get("subsampled_files") == list(dataset.subsampled_files)
-        if not (same and [list(r) for r in saved.get("region_of_interest", [])] == [list(r) for r in dataset.region_of_interest]):
+        chunks = (saved.get("input_dir_url"), saved.get("subsampled_files"), [list(r) for r in saved.get("region_of_interest", [])])
+        if chunks != (dataset.input_dir.url, list(dataset.subsampled_files), [list(r) for r in dataset.region_of_interest]):
             raise ValueError(
                 f"the checkpoint was saved while training on other data than {dataset.input_dir.url or dataset.input_dir.path} (another "
                 "optimized dataset, or the image files): resume with the data it was trained on, or start a new fit without --ckpt_path."

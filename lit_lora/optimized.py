@@ -229,11 +229,11 @@ def write_splits(
     sizes, folders, evaluation_splits = {}, {}, {}  # evaluation_splits: (rows, labels) -> the split written with them
     with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes, _keeping_process_state():
         for split, table in tables.items():
-            rows = (tuple(map(table.describe, range(len(table)))), tuple(table.labels))
-            same = evaluation_splits.setdefault(rows, split) if split != "train" else split
-            if same != split:
-                folders[split], sizes[split] = same, sizes[same]
-                continue
+            if split != "train":
+                same = evaluation_splits.setdefault((tuple(map(table.describe, range(len(table)))), tuple(table.labels)), split)
+                if same != split:
+                    folders[split], sizes[split] = same, sizes[same]
+                    continue
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
             # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
