@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_cli import common_args
+from test_cli import common_args, run_cli
 
 from lit_lora.cli import cli_main
 from lit_lora.files import TMP_MARK
@@ -119,19 +116,12 @@ class RecordImages(pl.Callback):
             f.write("".join(f"{trainer.current_epoch} {int(i)}\n" for i in batch["index"]))
 
 
-def fit_in_a_new_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m lit_lora fit ARGS`` in its own interpreter (one that a signal may stop), finding this folder's callbacks."""
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lit_lora", "fit", *args], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("signal_name", ["SIGINT"])  # SIGTERM: the accumulation-window and validation tests
 def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, signal_name: str) -> None:
     from collections import Counter
 
     args = [*common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.callbacks+=test_checkpoints.RecordImages"]
-    interrupted = fit_in_a_new_process(args + ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.signal_name={signal_name}"], tmp_path)
+    interrupted = run_cli(["fit", *args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.signal_name={signal_name}"], tmp_path, check=False)
     assert interrupted.returncode == {"SIGTERM": 143, "SIGINT": 130}[signal_name]  # as shells report either stop
     last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
     assert f"saved {last.relative_to(tmp_path)}" in interrupted.stderr or f"saved {last}" in interrupted.stderr
@@ -169,7 +159,7 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(
     args = accumulating_fit(tiny_vit, food101_dir)
     (tmp_path / "stopped").mkdir()
     stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}"]
-    stopped = fit_in_a_new_process(args + stop, tmp_path / "stopped")
+    stopped = run_cli(["fit", *args, *stop], tmp_path / "stopped", check=False)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
     interrupted = torch.load(last, weights_only=True)

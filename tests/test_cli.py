@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,16 @@ def common_args(tiny_vit: str, food101_dir: str) -> list[str]:
         "--trainer.log_every_n_steps=1",
         "--seed_everything=0",
     ]
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """``python -m lit_lora ARGS`` in an interpreter of its own (one that DDP launches or a signal stops), offline and
+    finding this folder's callbacks, with ``env`` added; asserts it succeeded unless ``check`` is False."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])), **env}
+    result = subprocess.run([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

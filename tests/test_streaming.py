@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_checkpoints import assert_same_training_state
-from test_cli import common_args
+from test_cli import common_args, run_cli
 
 from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
@@ -22,14 +19,6 @@ DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=c
 
 def data_args(tiny_vit: str, food101_dir: str) -> list[str]:
     return [a for a in common_args(tiny_vit, food101_dir) if not a.startswith("--trainer")]
-
-
-def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent), **env}
-    result = subprocess.run([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
