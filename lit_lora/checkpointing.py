@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_lora import log
 from lit_lora.files import OutputError, output_folder_problems, remove_stale_temporaries
+from lit_lora.interrupts import FitInterrupts
 from lit_lora.runs import RunLock, use_atomic_checkpoints
 
 
@@ -31,8 +31,9 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     On Ctrl-C or SIGTERM during ``fit`` it saves ``last.ckpt`` (with any gradients accumulated since the last
     optimizer step, see `LoRAImageClassifier.on_save_checkpoint`), so that resuming reproduces the uninterrupted
-    run. SIGTERM is Lightning's own handling; Ctrl-C stops after the current batch only with
-    ``stop_on_interrupt=True`` (the CLI sets it), which installs a SIGINT handler for the duration of ``fit``.
+    run; under DDP, every process stops after the same batch and they save it together (`FitInterrupts`). Ctrl-C stops
+    after the current batch only with ``stop_on_interrupt=True`` (the CLI sets it), which installs a SIGINT handler
+    for the duration of ``fit``.
     """
 
     def __init__(
@@ -78,8 +79,8 @@ class AdapterCheckpoint(ModelCheckpoint):
             verbose=verbose,
         )
         self.stop_on_interrupt = stop_on_interrupt
+        self._interrupts = FitInterrupts(stop_on_interrupt)
         self._stage: str | None = None
-        self._previous_sigint: Any = None
         self._written: dict[str, int] = {}  # checkpoint path -> modification time its adapter folder was made from
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -102,7 +103,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             super().setup(trainer, pl_module, stage)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_sigint()
+        self._interrupts.restore()
         self._release_folder()
 
     def _release_folder(self) -> None:
@@ -120,27 +121,22 @@ class AdapterCheckpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         # A resumed run's existing adapter folders belong to its existing checkpoints: rewrite them only with new ones.
         self._written = {"adapter": self._mtime(self.best_model_path), "adapter-last": self._mtime(self.last_model_path)}
-        self._interrupted_by = None
-        if self.stop_on_interrupt and threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.getsignal(signal.SIGINT)
+        self._interrupts.on_fit_start()
 
-            def stop_after_this_batch(signum: int, frame: Any) -> None:
-                log.info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
-                self._interrupted_by = "SIGINT"
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                # Lightning's SIGTERM handling (installed during fit) stops after the current batch.
-                signal.raise_signal(signal.SIGTERM)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._interrupts.on_train_start(trainer)
 
-            signal.signal(signal.SIGINT, stop_after_this_batch)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._interrupts.on_train_batch_end(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._interrupts.restore(signal.SIGTERM)  # before Lightning puts back the handlers it found
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_sigint()
+        self._interrupts.restore()
         self._write_missing_adapter_folders(trainer)
-
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last_before = self._mtime(self.last_model_path)
@@ -202,10 +198,10 @@ class AdapterCheckpoint(ModelCheckpoint):
         """On SIGTERM (a preempted machine) or a first Ctrl-C during fit, save ``last.ckpt`` to resume from, at the
         batch boundary where Lightning stopped. A second Ctrl-C stops at once and saves nothing."""
         super().on_exception(trainer, pl_module, exception)  # Lightning's own save_on_exception, if turned on
-        self._restore_sigint()
         try:
             self._save_on_interrupt(trainer, exception)
         finally:
+            self._interrupts.restore()
             self._release_folder()  # a failed fit in a notebook must not keep its folder from the next one
 
     def _save_on_interrupt(self, trainer: pl.Trainer, exception: BaseException) -> None:
@@ -220,7 +216,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             return
         self.last_model_path = path
         trainer.save_checkpoint(path, weights_only=False)  # a temporary in the run folder, renamed: never half-written
-        exception.lit_lora_signal = self._interrupted_by or "SIGTERM"  # type: ignore[attr-defined]  # for the exit code
+        exception.lit_lora_signal = self._interrupts.signal_name or "SIGTERM"  # type: ignore[attr-defined]  # for the exit code
         log.info(
             f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"

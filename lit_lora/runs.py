@@ -134,7 +134,7 @@ class ResumedLogs:
             if not isinstance(logger, CSVLogger) or Path(logger.log_dir).resolve() != self.run or not self.rows:
                 continue
             writer = logger.experiment  # opening it removes the old metrics.csv
-            if not hasattr(writer, "metrics_keys"):  # not process 0
+            if not isinstance(getattr(writer, "metrics_file_path", None), str):  # not process 0 (a no-op stand-in)
                 continue
 
             def write(f: Any) -> None:

@@ -93,18 +93,20 @@ def test_checkpoint_of_another_model_is_refused_saying_which(tmp_path: Path, mon
 
 
 class SignalAtBatch(pl.Callback):
-    """Sends this process a real signal after a given training batch, as a preempting scheduler or Ctrl-C would."""
+    """Sends this process a real signal after a given training batch, as a preempting scheduler or Ctrl-C would
+    (under DDP: only the process of global rank ``rank``, when set)."""
 
-    def __init__(self, batch: int = 2, signal_name: str = "SIGTERM", epoch: int = 1) -> None:
+    def __init__(self, batch: int = 2, signal_name: str = "SIGTERM", epoch: int = 1, rank: int | None = None) -> None:
         self.batch = batch
         self.signal_name = signal_name
         self.epoch = epoch
+        self.rank = rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import os
         import signal
 
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 

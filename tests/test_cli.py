@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,18 @@ def common_args(tiny_vit: str, food101_dir: str) -> list[str]:
 
 def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """``python -m lit_lora ARGS`` in an interpreter of its own (one that DDP launches or a signal stops), offline and
-    finding this folder's callbacks, with ``env`` added; asserts it succeeded unless ``check`` is False."""
+    finding this folder's callbacks, with ``env`` added; asserts it succeeded unless ``check`` is False. A run still
+    going after 300 s (a hung DDP process) is killed with all its processes and fails the test."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])), **env}
-    result = subprocess.run([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "lit_lora", *args]
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # DDP's second process too, which holds the output pipes open
+            stdout, stderr = process.communicate()
+            pytest.fail(f"python -m lit_lora {' '.join(args[:1])} still ran after 300 s: {stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -1,0 +1,77 @@
+"""Ctrl-C and SIGTERM during ``fit``: stop after a training batch, the same one on every process, so that the
+checkpoint written on the way out (`AdapterCheckpoint`) is one that all processes save together."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lit_lora import log
+
+
+class FitInterrupts:
+    """The signal handlers `AdapterCheckpoint` installs while ``fit`` runs (main thread only), and what stopped it.
+
+    SIGTERM is Lightning's own handling: it stops after the current batch (``trainer.received_sigterm``). With
+    ``stop_on_interrupt``, a first Ctrl-C does the same (it raises SIGTERM); a second one stops at once.
+
+    Under DDP, Lightning 2.6 deadlocks instead (Lightning issue #20806, reproduced here with two CPU processes: a
+    preempted run hangs until it is killed and saves nothing): its SIGTERM handler broadcasts from inside the handler,
+    wherever each process happens to be, and each process stops after whichever batch it was in. So with more than
+    one process, a SIGTERM only records that it came; after every training batch the processes agree whether any of
+    them got one (one all-reduce of a flag, as Lightning's own per-batch broadcast), and if so all of them call
+    Lightning's handler there, at the same point, and stop after that same batch.
+    """
+
+    def __init__(self, stop_on_interrupt: bool) -> None:
+        self.stop_on_interrupt = stop_on_interrupt
+        self.signal_name: str | None = None  # "SIGINT" or "SIGTERM", once one arrived
+        self._saved: dict[int, Any] = {}  # signal -> the handler to put back
+
+    def on_fit_start(self) -> None:
+        """With ``stop_on_interrupt``, make Ctrl-C stop after this batch (put back by `restore` at the end of fit)."""
+        self.signal_name = None
+        if self.stop_on_interrupt:
+            self._install(signal.SIGINT, self._stop_after_this_batch)
+
+    def on_train_start(self, trainer: pl.Trainer) -> None:
+        """Under DDP, take SIGTERM from Lightning (installed by now) until the processes agree on it; `restore` with
+        ``signal.SIGTERM`` before Lightning puts back its own original handlers (``on_train_end``, ``on_exception``)."""
+        if trainer.world_size > 1:
+            self._install(signal.SIGTERM, self._record_sigterm)
+
+    def on_train_batch_end(self, trainer: pl.Trainer) -> None:
+        """Under DDP: when any process got a SIGTERM, make every process call Lightning's handler after this batch."""
+        lightning_handler = self._saved.get(signal.SIGTERM)
+        if lightning_handler is None or not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
+            return
+        del self._saved[signal.SIGTERM]  # ours stays installed: SIGTERMs that Lightning forwards to the others land there
+        self.signal_name = self.signal_name or "SIGTERM"
+        if callable(lightning_handler):
+            lightning_handler(signal.SIGTERM, None)
+
+    def restore(self, *signums: int) -> None:
+        """Put back the handlers these signals (by default all) had before."""
+        for signum in signums or list(self._saved):
+            handler = self._saved.pop(signum, None)
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signum, handler)
+
+    def _install(self, signum: int, handler: Any) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self._saved.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, handler)
+        return True
+
+    def _record_sigterm(self, signum: int, frame: Any) -> None:
+        self.signal_name = self.signal_name or "SIGTERM"
+
+    def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
+        log.info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
+        self.signal_name = "SIGINT"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.raise_signal(signal.SIGTERM)  # Lightning's SIGTERM handling (or, under DDP, ours) stops after this batch
