@@ -22,8 +22,10 @@ class FitInterrupts:
     preempted run hangs until it is killed and saves nothing): its SIGTERM handler broadcasts from inside the handler,
     wherever each process happens to be, and each process stops after whichever batch it was in. So with more than
     one process, a SIGTERM only records that it came; after every training batch the processes agree whether any of
-    them got one (one all-reduce of a flag, as Lightning's own per-batch broadcast), and if so all of them call
-    Lightning's handler there, at the same point, and stop after that same batch.
+    them got one (one all-reduce of a flag, like Lightning's own per-batch broadcast), and if so all of them call
+    Lightning's handler there, at the same point, and stop after that same batch. This handler is process-wide, so it
+    is installed only with more than one process and only while training runs; what it buys is a preempted run that
+    is saved and resumes bit-exact instead of hanging (``tests/test_ddp.py`` fails without it).
     """
 
     def __init__(self, stop_on_interrupt: bool) -> None:
