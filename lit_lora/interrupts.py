@@ -3,6 +3,7 @@ checkpoint written on the way out (`AdapterCheckpoint`) is one that all processe
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -32,6 +33,7 @@ class FitInterrupts:
         self.stop_on_interrupt = stop_on_interrupt
         self.signal_name: str | None = None  # "SIGINT" or "SIGTERM", once one arrived
         self._saved: dict[int, Any] = {}  # signal -> the handler to put back
+        self._pid = os.getpid()  # loader workers forked during fit inherit the handlers, and must leave them be
 
     def on_fit_start(self) -> None:
         """With ``stop_on_interrupt``, make Ctrl-C stop after this batch (put back by `restore` at the end of fit)."""
@@ -66,6 +68,7 @@ class FitInterrupts:
         if threading.current_thread() is not threading.main_thread():
             return False
         self._saved.setdefault(signum, signal.getsignal(signum))
+        self._pid = os.getpid()
         signal.signal(signum, handler)
         return True
 
@@ -73,6 +76,8 @@ class FitInterrupts:
         self.signal_name = self.signal_name or "SIGTERM"
 
     def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a loader worker (Ctrl-C reaches the terminal's whole process group)
+            return  # it keeps serving until the main process, stopping after this batch, shuts it down
         log.info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
         self.signal_name = "SIGINT"
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -94,20 +94,25 @@ def test_checkpoint_of_another_model_is_refused_saying_which(tmp_path: Path, mon
 
 class SignalAtBatch(pl.Callback):
     """Sends this process a real signal after a given training batch, as a preempting scheduler or Ctrl-C would
-    (under DDP: only the process of global rank ``rank``, when set)."""
+    (under DDP: only the process of global rank ``rank``, when set); with ``group``, to its whole process group,
+    loader workers included, as a terminal's Ctrl-C does."""
 
-    def __init__(self, batch: int = 2, signal_name: str = "SIGTERM", epoch: int = 1, rank: int | None = None) -> None:
+    def __init__(self, batch: int = 2, signal_name: str = "SIGTERM", epoch: int = 1, rank: int | None = None, group: bool = False) -> None:
         self.batch = batch
         self.signal_name = signal_name
         self.epoch = epoch
         self.rank = rank
+        self.group = group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import os
         import signal
 
         if trainer.current_epoch == self.epoch and batch_idx == self.batch and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), getattr(signal, self.signal_name))
+            if self.group:  # run_cli starts each run in a process group of its own
+                os.killpg(os.getpgid(0), getattr(signal, self.signal_name))
+            else:
+                os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
 class RecordImages(pl.Callback):
@@ -123,8 +128,11 @@ def test_interrupted_fit_saves_a_checkpoint_and_resumes(tmp_path: Path, monkeypa
     from collections import Counter
 
     args = [*common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", "--trainer.callbacks+=test_checkpoints.RecordImages"]
-    interrupted = run_cli(["fit", *args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.signal_name={signal_name}"], tmp_path, check=False)
-    assert interrupted.returncode == {"SIGTERM": 143, "SIGINT": 130}[signal_name]  # as shells report either stop
+    # Ctrl-C reaches the loader worker too: it must not die (nor say "stopping" a second time) and fail the fit.
+    signal = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.signal_name={signal_name}", "--trainer.callbacks.init_args.group=true"]
+    interrupted = run_cli(["fit", *args, *signal, "--data.num_workers=1"], tmp_path, check=False)
+    assert interrupted.returncode == {"SIGTERM": 143, "SIGINT": 130}[signal_name], interrupted.stderr[-3000:]  # as shells report either stop
+    assert interrupted.stderr.count("stopping after this batch") == 1 and "Error" not in interrupted.stderr, interrupted.stderr[-3000:]
     last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
     assert f"saved {last.relative_to(tmp_path)}" in interrupted.stderr or f"saved {last}" in interrupted.stderr
     state = torch.load(last, weights_only=True)
