@@ -94,8 +94,8 @@ def test_checkpoint_of_another_model_is_refused_saying_which(tmp_path: Path, mon
 
 class SignalAtBatch(pl.Callback):
     """Sends this process a real signal after a given training batch, as a preempting scheduler or Ctrl-C would
-    (under DDP: only the process of global rank ``rank``, when set); with ``group``, to its whole process group,
-    loader workers included, as a terminal's Ctrl-C does."""
+    (under DDP: only the process of global rank ``rank``, when set); with ``group``, from another process to its whole
+    process group, loader workers included, as a terminal's Ctrl-C or SLURM's SIGTERM does."""
 
     def __init__(self, batch: int = 2, signal_name: str = "SIGTERM", epoch: int = 1, rank: int | None = None, group: bool = False) -> None:
         self.batch = batch
@@ -110,7 +110,9 @@ class SignalAtBatch(pl.Callback):
 
         if trainer.current_epoch == self.epoch and batch_idx == self.batch and self.rank in (None, trainer.global_rank):
             if self.group:  # run_cli starts each run in a process group of its own
-                os.killpg(os.getpgid(0), getattr(signal, self.signal_name))
+                import subprocess
+
+                subprocess.run(["kill", f"-{self.signal_name[3:]}", "--", f"-{os.getpgid(0)}"])  # kill signals itself too
             else:
                 os.kill(os.getpid(), getattr(signal, self.signal_name))
 
@@ -168,9 +170,10 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(
     one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through."""
     args = accumulating_fit(tiny_vit, food101_dir)
     (tmp_path / "stopped").mkdir()
-    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}"]
-    stopped = run_cli(["fit", *args, *stop], tmp_path / "stopped", check=False)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    # SIGTERM to every process of the run, a loader worker included, as SLURM sends it; no worker dies of it.
+    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}", "--trainer.callbacks.init_args.group=true"]
+    stopped = run_cli(["fit", *args, *stop, "--data.num_workers=1"], tmp_path / "stopped", check=False)
+    assert stopped.returncode == 143 and "Error" not in stopped.stderr, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
     interrupted = torch.load(last, weights_only=True)
     # 5 batches per epoch: steps after batches 4 and 5; then 2 (mid-window) or 4 (a whole window) of epoch 1.

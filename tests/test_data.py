@@ -259,12 +259,11 @@ def test_loader_workers_yield_the_cpu_to_training_on_the_cpu(food101_dir: str) -
     module = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=1)
     module.setup("fit")
     module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    loader = module.train_dataloader()
-    assert loader.worker_init_fn is not None
-    probe = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=loader.worker_init_fn)
+    probe = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=module.train_dataloader().worker_init_fn)
     assert list(probe) == [torch.tensor(os.nice(0) + 10)] * 2
-    module.trainer = None  # a loader built outside a CPU trainer leaves its workers alone
-    assert module.train_dataloader().worker_init_fn is None
+    module.trainer = None  # a loader built outside a CPU trainer leaves its workers' priority alone
+    probe = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=module.train_dataloader().worker_init_fn)
+    assert list(probe) == [torch.tensor(os.nice(0))] * 2
 
 
 def test_food101_data_module_is_the_general_one_with_the_guides_defaults(class_folders_dir: str) -> None:
