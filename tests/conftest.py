@@ -11,9 +11,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Caches in one folder of the test run, removed at its end: the demo's assets (built once), and litdata's chunks (set
-# before litdata is imported, as it reads this once). Not in ~/.cache or ~/.lightning.
+# before litdata is imported, as it reads this once) and optimize's staging folders (else $TMPDIR/chunks and /data).
+# Not in ~/.cache, ~/.lightning or /tmp.
 os.environ["LIT_LORA_CACHE"] = tempfile.mkdtemp(prefix="lit_lora-tests-")
 os.environ["LITDATA_CACHE_DIR"] = os.path.join(os.environ["LIT_LORA_CACHE"], "litdata")
+os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = os.path.join(os.environ["LIT_LORA_CACHE"], "optimize-chunks")
+os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = os.path.join(os.environ["LIT_LORA_CACHE"], "optimize-data")
 
 from pathlib import Path
 
