@@ -33,7 +33,7 @@ class FitInterrupts:
         self.stop_on_interrupt = stop_on_interrupt
         self.signal_name: str | None = None  # "SIGINT" or "SIGTERM", once one arrived
         self._saved: dict[int, Any] = {}  # signal -> the handler to put back
-        self._pid = os.getpid()  # loader workers forked during fit inherit the handlers, and must leave them be
+        self._pid: int | None = None  # the process that installed the handlers (forked loader workers inherit them)
 
     def on_fit_start(self) -> None:
         """With ``stop_on_interrupt``, make Ctrl-C stop after this batch (put back by `restore` at the end of fit)."""
@@ -64,19 +64,17 @@ class FitInterrupts:
             if handler is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signum, handler)
 
-    def _install(self, signum: int, handler: Any) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            return False
-        self._saved.setdefault(signum, signal.getsignal(signum))
-        self._pid = os.getpid()
-        signal.signal(signum, handler)
-        return True
+    def _install(self, signum: int, handler: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._saved.setdefault(signum, signal.getsignal(signum))
+            self._pid = os.getpid()
+            signal.signal(signum, handler)
 
     def _record_sigterm(self, signum: int, frame: Any) -> None:
         self.signal_name = self.signal_name or "SIGTERM"
 
     def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a loader worker (Ctrl-C reaches the terminal's whole process group)
+        if os.getpid() != self._pid:  # a loader worker of somebody's own loader (Ctrl-C reaches the whole process group)
             return  # it keeps serving until the main process, stopping after this batch, shuts it down
         log.info("\n[lit_lora] Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once, saving nothing)")
         self.signal_name = "SIGINT"
