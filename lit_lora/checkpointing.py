@@ -123,8 +123,12 @@ class AdapterCheckpoint(ModelCheckpoint):
         self._written = {"adapter": self._mtime(self.best_model_path), "adapter-last": self._mtime(self.last_model_path)}
         self._interrupts.on_fit_start()
 
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._interrupts.take_sigterm(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._interrupts.on_train_start(trainer)
+        super().on_train_start(trainer, pl_module)
+        self._interrupts.take_sigterm(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

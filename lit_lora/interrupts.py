@@ -41,9 +41,11 @@ class FitInterrupts:
         if self.stop_on_interrupt:
             self._install(signal.SIGINT, self._stop_after_this_batch)
 
-    def on_train_start(self, trainer: pl.Trainer) -> None:
-        """Under DDP, take SIGTERM from Lightning (installed by now) until the processes agree on it; `restore` with
-        ``signal.SIGTERM`` before Lightning puts back its own original handlers (``on_train_end``, ``on_exception``)."""
+    def take_sigterm(self, trainer: pl.Trainer) -> None:
+        """Under DDP, take SIGTERM from Lightning (call once its handler is installed: at the start of the sanity check
+        and of training) until the processes agree on it; `restore` with ``signal.SIGTERM`` before Lightning puts back
+        its own original handlers (``on_train_end``, ``on_exception``). A SIGTERM during the sanity check stops after
+        the first training batch."""
         if trainer.world_size > 1:
             self._install(signal.SIGTERM, self._record_sigterm)
 

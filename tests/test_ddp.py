@@ -84,3 +84,22 @@ def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations_across_a_pre
     pixels = {(e, i): p for e, i, p in seen}
     changed = sum(pixels[("0", str(i))] != pixels[("1", str(i))] for i in range(34))
     assert changed >= 30  # a new random crop and flip for (nearly) every image in the second epoch
+
+
+class SignalDuringSanityCheck(__import__("lightning").pytorch.Callback):
+    """SIGTERM to the process of global rank 1 while the sanity check validates, before training started."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        import os
+        import signal
+
+        if trainer.sanity_checking and batch_idx == 0 and trainer.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow  # 20 s; the mid-epoch preemption above runs in the default run
+def test_ddp_sigterm_during_the_sanity_check_stops_after_the_first_batch(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    args = [*common_args(tiny_vit, food101_dir), *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_ddp.SignalDuringSanityCheck"]
+    stopped = run_cli(["fit", *args], tmp_path, check=False)  # Lightning 2.6 alone: hangs in its handler's broadcast
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 1
