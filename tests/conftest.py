@@ -30,6 +30,13 @@ CLASSES = ("tomato", "matcha", "blueberry", "banana")
 CACHES = os.environ["LIT_LORA_CACHE"]
 
 
+def bare_env(**variables: str) -> dict[str, str]:
+    """An almost empty environment for a fresh interpreter (what a new user's shell may lack), keeping the test
+    run's cache folders above, plus ``variables``."""
+    caches = ("LIT_LORA_CACHE", "LITDATA_CACHE_DIR", "DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+    return {**{name: os.environ[name] for name in caches}, **variables}
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(CACHES, ignore_errors=True)
 

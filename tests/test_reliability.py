@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bare_env
 from PIL import Image
 from test_cli import common_args
 
@@ -168,8 +169,7 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 
 def run_cli(args: list[str], cwd: Path, offline: bool = True) -> subprocess.CompletedProcess:
-    caches = ("LIT_LORA_CACHE", "LITDATA_CACHE_DIR", "DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")  # conftest's
-    env = {"PATH": "", **{name: os.environ[name] for name in caches}, **({"HF_HUB_OFFLINE": "1"} if offline else {})}
+    env = bare_env(PATH="", **({"HF_HUB_OFFLINE": "1"} if offline else {}))
     return subprocess.run([sys.executable, "-m", "lit_lora", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 

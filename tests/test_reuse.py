@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import bare_env
 from PIL import Image
 
 from lit_lora import Food101DataModule, LoRAImageClassifier
@@ -225,7 +226,7 @@ import matplotlib.pyplot as plt
 assert plt.get_fignums() == []  # no figure left in pyplot's list
 print("unchanged")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=bare_env(HF_HUB_OFFLINE="1", PATH="/usr/bin:/bin"))
     assert result.returncode == 0 and result.stdout.strip().endswith("unchanged"), result.stderr[-3000:]
 
 
