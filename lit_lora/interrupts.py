@@ -1,14 +1,16 @@
-"""Ctrl-C and SIGTERM during ``fit``: stop after a training batch, the same one on every process, so that the
-checkpoint written on the way out (`AdapterCheckpoint`) is one that all processes save together."""
+"""Ctrl-C and SIGTERM during ``fit``: stop after a batch, the same one on every process, so that the checkpoint
+written on the way out (`AdapterCheckpoint`) is one that all processes save together."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from lit_lora import log
 
@@ -22,9 +24,9 @@ class FitInterrupts:
     Under DDP, Lightning 2.6 deadlocks instead (Lightning issue #20806, reproduced here with two CPU processes: a
     preempted run hangs until it is killed and saves nothing): its SIGTERM handler broadcasts from inside the handler,
     wherever each process happens to be, and each process stops after whichever batch it was in. So with more than
-    one process, a SIGTERM only records that it came; after every training batch the processes agree whether any of
-    them got one (one all-reduce of a flag, like Lightning's own per-batch broadcast), and if so all of them call
-    Lightning's handler there, at the same point, and stop after that same batch. This handler is process-wide, so it
+    one process, a SIGTERM only records that it came; after every training (and validation) batch the processes agree
+    whether any of them got one (one all-reduce of a flag, like Lightning's own per-batch broadcast), and if so all of
+    them call Lightning's handler there, at the same point, and stop after that same batch. This handler is process-wide, so it
     is installed only with more than one process and only while training runs; what it buys is a preempted run that
     is saved and resumes bit-exact instead of hanging (``tests/test_ddp.py`` fails without it).
     """
@@ -34,6 +36,7 @@ class FitInterrupts:
         self.signal_name: str | None = None  # "SIGINT" or "SIGTERM", once one arrived
         self._saved: dict[int, Any] = {}  # signal -> the handler to put back
         self._pid: int | None = None  # the process that installed the handlers (forked loader workers inherit them)
+        self._shared_val_batches = 0
 
     def on_fit_start(self) -> None:
         """With ``stop_on_interrupt``, make Ctrl-C stop after this batch (put back by `restore` at the end of fit)."""
@@ -44,10 +47,24 @@ class FitInterrupts:
     def take_sigterm(self, trainer: pl.Trainer) -> None:
         """Under DDP, take SIGTERM from Lightning (call once its handler is installed: at the start of the sanity check
         and of training) until the processes agree on it; `restore` with ``signal.SIGTERM`` before Lightning puts back
-        its own original handlers (``on_train_end``, ``on_exception``). A SIGTERM during the sanity check stops after
-        the first training batch."""
+        its own original handlers (``on_train_end``, ``on_exception``)."""
         if trainer.world_size > 1:
             self._install(signal.SIGTERM, self._record_sigterm)
+
+    def on_validation_start(self, trainer: pl.Trainer) -> None:
+        """Under DDP: how many batches of the first validation loader every process has (the processes may have one
+        batch more or less: each image is validated once); the processes agree on a SIGTERM after those only."""
+        self._shared_val_batches = 0
+        if signal.SIGTERM in self._saved:
+            counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+            mine = counts[0] if counts and math.isfinite(counts[0]) else 0
+            self._shared_val_batches = int(trainer.strategy.reduce(torch.tensor(int(mine), device=trainer.strategy.root_device), reduce_op="min"))
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> None:
+        """Under DDP: a SIGTERM stops every process after the same validation batch (not a process's last: Lightning
+        then stops after validation), and the checkpoint restarts that validation on resume."""
+        if dataloader_idx == 0 and batch_idx < self._shared_val_batches - 1:
+            self.on_train_batch_end(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer) -> None:
         """Under DDP: when any process got a SIGTERM, make every process call Lightning's handler after this batch."""

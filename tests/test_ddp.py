@@ -59,11 +59,30 @@ class RecordPixels(__import__("lightning").pytorch.Callback):
                 f.write(f"{trainer.current_epoch} {int(index)} {float(pixels.sum()):.3f}\n")
 
 
-def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations_across_a_preemption(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+def preempted_fit(tiny_vit: str, food101_dir: str) -> list[str]:
+    """2 processes, 34 training images in batches of 4 (5 per process and epoch), 2 epochs, accumulation 2; 14
+    validation images (2 batches per process)."""
     args = [a for a in common_args(tiny_vit, food101_dir) if "val_size" not in a] + ["--data.val_size=0.3", "--data.batch_size=4"]
-    args += [*DDP, "--trainer.max_epochs=2", "--trainer.accumulate_grad_batches=2"]
-    (tmp_path / "straight").mkdir()
-    run_cli(["fit", *args], tmp_path / "straight")
+    return [*args, *DDP, "--trainer.max_epochs=2", "--trainer.accumulate_grad_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit: str, food101_dir: str) -> Path:
+    """`preempted_fit` straight through: the run folder whose last.ckpt and metrics the preempted runs must equal."""
+    folder = tmp_path_factory.mktemp("straight-ddp")
+    run_cli(["fit", *preempted_fit(tiny_vit, food101_dir)], folder)
+    return folder / "checkpoints" / "run" / "version_0"
+
+
+def assert_same_weights(run: Path, straight: Path) -> None:
+    resumed, expected = (torch.load(folder / "last.ckpt", weights_only=True)["state_dict"] for folder in (run, straight))
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations_across_a_preemption(
+    tmp_path: Path, tiny_vit: str, food101_dir: str, straight_ddp_run: Path
+) -> None:
+    args = preempted_fit(tiny_vit, food101_dir)
     # SIGTERM reaches one process only, mid-epoch and mid-window (as when a scheduler signals each task on its own):
     # both processes stop after the same batch and save one checkpoint together (Lightning 2.6 alone deadlocks here:
     # its issue #20806), from which the run resumes as if never stopped.
@@ -74,8 +93,7 @@ def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations_across_a_pre
     last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3 + 1  # 5 batches (3 steps) per epoch; then 3 batches in
     run_cli(["fit", *args, f"--ckpt_path={last}"], tmp_path)
-    resumed, straight = (torch.load(run / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)["state_dict"] for run in (tmp_path, tmp_path / "straight"))
-    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    assert_same_weights(last.parent, straight_ddp_run)
 
     seen = [line.split() for rank in (0, 1) for line in (tmp_path / f"pixels-rank{rank}.txt").read_text().splitlines()]
     for epoch in ("0", "1"):
@@ -86,20 +104,39 @@ def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations_across_a_pre
     assert changed >= 30  # a new random crop and flip for (nearly) every image in the second epoch
 
 
-class SignalDuringSanityCheck(__import__("lightning").pytorch.Callback):
-    """SIGTERM to the process of global rank 1 while the sanity check validates, before training started."""
+class SignalDuringValidation(__import__("lightning").pytorch.Callback):
+    """SIGTERM to the process of global rank 1 after its first validation batch: of the sanity check (before
+    training started), or with ``sanity=False`` of epoch 0's validation."""
+
+    def __init__(self, sanity: bool = True) -> None:
+        self.sanity = sanity
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         import os
         import signal
 
-        if trainer.sanity_checking and batch_idx == 0 and trainer.global_rank == 1:
+        if trainer.sanity_checking == self.sanity and trainer.current_epoch == 0 and batch_idx == 0 and trainer.global_rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.slow  # 20 s; the mid-epoch preemption above runs in the default run
 def test_ddp_sigterm_during_the_sanity_check_stops_after_the_first_batch(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
-    args = [*common_args(tiny_vit, food101_dir), *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_ddp.SignalDuringSanityCheck"]
+    args = [*common_args(tiny_vit, food101_dir), *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_ddp.SignalDuringValidation"]
     stopped = run_cli(["fit", *args], tmp_path, check=False)  # Lightning 2.6 alone: hangs in its handler's broadcast
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert torch.load(tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.slow  # 40 s
+def test_ddp_sigterm_during_validation_stops_there_and_resumes_by_validating_again(
+    tmp_path: Path, tiny_vit: str, food101_dir: str, straight_ddp_run: Path
+) -> None:
+    args = preempted_fit(tiny_vit, food101_dir)
+    stopped = run_cli(["fit", *args, "--trainer.callbacks+=test_ddp.SignalDuringValidation", "--trainer.callbacks.init_args.sanity=false"], tmp_path, check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    run = tmp_path / "checkpoints" / "run" / "version_0"
+    assert "val/acc" not in (run / "metrics.csv").read_text()  # stopped inside epoch 0's validation, not after it
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 3
+    run_cli(["fit", *args, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
+    assert_same_weights(run, straight_ddp_run)
+    assert logged(run, "val/acc") == logged(straight_ddp_run, "val/acc")  # epoch 0 validated again, whole
