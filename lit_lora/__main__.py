@@ -3,6 +3,7 @@ import signal
 import sys
 from typing import NoReturn
 
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_lora.cli import cli_main
@@ -17,12 +18,22 @@ def one_message(err: BaseException) -> str:
     return message
 
 
+def release_process_group() -> None:
+    """Destroy a finished DDP run's process group while the interpreter is whole, as PyTorch asks; left to interpreter
+    exit, gloo's threads can abort the process after its work is done ("terminate called without an active
+    exception", exit -6: PyTorch issue #190489, seen once here after a 2-process predict). Only where every process
+    finished or stopped at the same point: never after an error, when the others may be inside a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> NoReturn:
     """``python -m lit_lora``: run the CLI; our own errors end in one ``lit_lora: error: ...`` line."""
     try:
         cli_main()
     except SIGTERMException as err:
         # Stopped by SIGTERM or a first Ctrl-C (after saving last.ckpt during fit): the exit code shells report.
+        release_process_group()
         sys.exit(128 + (signal.SIGINT if getattr(err, "lit_lora_signal", None) == "SIGINT" else signal.SIGTERM))
     except SystemExit as err:
         if isinstance(err.__context__, KeyboardInterrupt):  # Lightning's exit after a second Ctrl-C
@@ -34,6 +45,7 @@ def main() -> NoReturn:
             raise
         print(f"lit_lora: error: {one_message(err)}\n(set LIT_LORA_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         sys.exit(1)
+    release_process_group()
     sys.exit(0)
 
 
