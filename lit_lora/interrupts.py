@@ -64,10 +64,11 @@ class FitInterrupts:
         """Under DDP: a SIGTERM stops every process after the same validation batch (not a process's last: Lightning
         then stops after validation), and the checkpoint restarts that validation on resume."""
         if dataloader_idx == 0 and batch_idx < self._shared_val_batches - 1:
-            self.on_train_batch_end(trainer)
+            self.stop_together(trainer)
 
-    def on_train_batch_end(self, trainer: pl.Trainer) -> None:
-        """Under DDP: when any process got a SIGTERM, make every process call Lightning's handler after this batch."""
+    def stop_together(self, trainer: pl.Trainer) -> None:
+        """Under DDP, after a training batch (or a validation batch every process has): when any process got a SIGTERM,
+        make every process call Lightning's handler here, so that all of them stop after this batch."""
         lightning_handler = self._saved.get(signal.SIGTERM)
         if lightning_handler is None or not trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             return
