@@ -24,7 +24,9 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -236,14 +238,18 @@ def write_splits(
                     continue
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
+            start = time.perf_counter()
             # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
-            # worker's start and end); its progress bar, on standard error, stays.
+            # worker's start and end). Its progress bar, on standard error, stays on a terminal; in a log file (a
+            # batch job's, CI's) it would be dozens of lines of cursor-movement codes, so there it is off.
             with contextlib.redirect_stdout(io.StringIO()):
                 optimize(
                     fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
                     num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
-                    storage_options=storage_options, start_method=_start_method(),
+                    storage_options=storage_options, start_method=_start_method(), verbose=sys.stderr.isatty(),
                 )
+            seconds = time.perf_counter() - start
+            log.info(f"[lit_lora] optimized {split} in {seconds:.1f} s ({len(table) / seconds:.0f} images/s)")
             before = len(unreadable)
             for path in sorted(Path(notes).glob("unreadable-*.tsv")):
                 for line in path.read_text().splitlines():
