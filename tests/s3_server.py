@@ -100,6 +100,10 @@ def s3_server(folder: Path, timeout: float = 60.0) -> Iterator[S3Server]:
             process.kill()
             process.wait()
         log.close()
+        for name in ("master", "volume", "filer", "s3", "admin"):  # weed puts its gRPC sockets in /tmp: gone after a clean stop, left there when killed
+            socket = Path(f"/tmp/seaweedfs-{name}-grpc-{ports[f'{name}.port.grpc']}.sock")
+            if socket.is_socket():
+                socket.unlink()
 
 
 def _wait_until_it_stores(endpoint: str, ca: Path, process: subprocess.Popen, log: Path, timeout: float) -> None:
