@@ -164,8 +164,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             optimized_dir: a folder or object-store URL (``s3://bucket/food101``) holding the splits as litdata
                 datasets (``python -m lit_lora optimize``): images decoded once, pre-resized uint8, streamed to every
                 process and worker (`lit_lora.optimized`). ``fit`` builds a local folder that is missing or empty
-                from the source first (once per node, in `prepare_data`). With a source configured, a dataset built
-                from other images or settings is refused; without one, its own class names are used.
+                from the source first (once per node, in `prepare_data`; fits started together on it wait for the
+                first one's build). With a source configured, a dataset built from other images or settings is
+                refused; without one, its own class names are used.
             storage_options: passed to litdata's storage client for ``optimized_dir`` URLs (e.g. ``endpoint_url``);
                 the standard ``AWS_*`` variables work without it.
             optimized_train_side: shorter side of the optimized training images; random crops are taken from these.
@@ -263,11 +264,15 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def optimize(self, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
         """Write the splits ``fit`` and ``test`` use (the same seeded, stratified split) as litdata datasets under
         ``output_dir`` (a folder or URL), with ``num_workers`` processes; return the manifest. An identical dataset
-        already there is kept.
+        already there is kept; a process writing into the same local folder is waited for.
 
         Raises:
             ValueError: ``output_dir`` holds a different dataset (and not ``overwrite``), or other files.
         """
+        with optimized.writing(output_dir):
+            return self._optimize(output_dir, overwrite)
+
+    def _optimize(self, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
         tables, description = self._optimized_splits()
         existing = optimized.read_manifest(output_dir, self.storage_options)
         complete = existing is not None and existing.get("state") == "complete"
@@ -280,7 +285,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 "pass --overwrite true to replace it, or choose another --output_dir."
             )
         local = None if optimized.is_url(output_dir) else Path(output_dir).expanduser()
-        if existing is None and local is not None and local.is_dir() and any(local.iterdir()):
+        if existing is None and local is not None and optimized.holds_files(str(local)):
             raise ValueError(f"{output_dir} is not empty and holds no optimized dataset; choose an empty or new --output_dir.")
         manifest = optimized.write_splits(
             output_dir, tables, description, self.image_settings, self.optimized_train_side, self.num_workers, self.storage_options,
@@ -330,11 +335,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         reads it)."""
         if not self.optimized_dir or optimized.is_url(self.optimized_dir):
             return
-        existing = optimized.read_manifest(self.optimized_dir)
-        folder = Path(self.optimized_dir)
-        if (existing or {}).get("state") == "incomplete" or (existing is None and not (folder.exists() and any(folder.iterdir()))):
-            # Built here from this source and these settings: setup need not select and fingerprint the files again.
-            self._manifest = self.optimize(self.optimized_dir)
+        with optimized.writing(self.optimized_dir):  # another fit building it (a sweep started at once): wait, then use it
+            existing = optimized.read_manifest(self.optimized_dir)
+            if (existing or {}).get("state") == "incomplete" or (existing is None and not optimized.holds_files(self.optimized_dir)):
+                # Built here from this source and these settings: setup need not select and fingerprint the files again.
+                self._manifest = self._optimize(self.optimized_dir)
 
     def setup(self, stage: str) -> None:
         """Select and split the images needed for ``stage`` (nothing is decoded here)."""
@@ -350,11 +355,15 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.optimized_dir {self.optimized_dir} has no {split} split (it has {list(manifest['splits'])}).")
 
         def stream(name: str, **kwargs: Any) -> OptimizedImages:
-            folder = manifest.get("folders", {}).get(name, name)  # a test split also validated on is stored once, as val
-            return OptimizedImages(
-                optimized.join(self.optimized_dir, folder), seed=self.seed, storage_options=self.storage_options,
-                max_cache_size=self.optimized_cache_size, **kwargs,
-            )
+            location = optimized.join(self.optimized_dir, manifest.get("folders", {}).get(name, name))  # a test split also validated on is stored once, as val
+            try:
+                return OptimizedImages(location, seed=self.seed, storage_options=self.storage_options, max_cache_size=self.optimized_cache_size, **kwargs)
+            except Exception as err:  # litdata's own checks (an AssertionError for an index without chunks) and storage errors
+                reason = " ".join(str(err).split())[:300]
+                raise ValueError(
+                    f"cannot read the {name} split of data.optimized_dir at {location} ({type(err).__name__}: {reason}); if it is damaged, "
+                    "rebuild it with `python -m lit_lora optimize ... --overwrite true`."
+                ) from err
 
         if stage in ("fit", "validate"):
             self.train_table = stream("train", transform=train_transform(self.image_settings), shuffle=True)

@@ -40,6 +40,7 @@ from torchvision.transforms.v2 import functional as tvF
 from lit_lora import log
 from lit_lora.files import write_text
 from lit_lora.images import FileTable, HFTable, ImageTable, exif_orientation, raised_by_decoder, to_rgb
+from lit_lora.runs import LOCK_NAME, RunLock
 from lit_lora.sampling import seeded_cpu_rng
 from lit_lora.transforms import ImageSettings, eval_transform, shorter_side_shape
 
@@ -65,6 +66,31 @@ def is_url(location: str) -> bool:
 def join(location: str, name: str) -> str:
     """``location/name`` for folders and URLs alike."""
     return f"{str(location).rstrip('/')}/{name}"
+
+
+@contextlib.contextmanager
+def writing(location: str) -> Any:
+    """Hold a local ``location`` for writing a dataset into it (an ``flock`` on its ``.lit_lora.lock``, released
+    even if the process is killed); a second process waits for the first, then finds its dataset. Sweeps start
+    several fits on one new folder at once: unheld, each rebuilt it over the others' files and left a dataset marked
+    complete with empty splits. Not held: URLs (object stores have no such lock) and folders with other files (refused
+    by the caller, and left without a lock file)."""
+    folder = None if is_url(location) else Path(location).expanduser()
+    if folder is None or (holds_files(str(folder)) and not (folder / MANIFEST).exists() and not (folder / LOCK_NAME).exists()):
+        yield
+        return
+    lock = RunLock(folder)
+    lock.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def holds_files(folder: str) -> bool:
+    """Whether the local ``folder`` exists and holds anything but the lock of `writing`."""
+    path = Path(folder).expanduser()
+    return path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
 
 
 def table_fingerprint(table: ImageTable) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from lit_lora import log
 from lit_lora.files import OutputError, atomic_write
 
 LOCK_NAME = ".lit_lora.lock"
@@ -60,16 +61,17 @@ def claim_version(save_dir: str | os.PathLike, name: str | None) -> int:
 
 
 class RunLock:
-    """An exclusive hold on a run folder for one process: ``acquire`` fails in one line while another process holds
-    it. The lock is an ``flock`` on ``<folder>/.lit_lora.lock``, so the kernel releases it when the process ends,
-    however it ends; the file itself says who holds it."""
+    """An exclusive hold on a run folder (or an optimized dataset being written) for one process: ``acquire`` fails in
+    one line, or waits, while another process holds it. The lock is an ``flock`` on ``<folder>/.lit_lora.lock``, so
+    the kernel releases it when the process ends, however it ends; the file itself says who holds it."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self._fd: int | None = None
 
-    def acquire(self) -> None:
-        """Hold the folder, or raise `files.OutputError` naming the process that holds it."""
+    def acquire(self, wait: bool = False) -> None:
+        """Hold the folder. While another process holds it: with ``wait``, say so and wait for it; else raise
+        `files.OutputError` naming that process."""
         if self._fd is not None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -79,12 +81,16 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise OutputError(
-                f"{self.folder} is in use by another fit ({holder}); two runs in one folder would mix their "
-                "checkpoints. Wait for it to finish, or give this run another folder (--checkpoint.dirpath, or "
-                "leave it unset for a new version_N)."
-            ) from None
+            if wait:
+                log.info(f"[lit_lora] {self.folder} is being written by {holder}; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise OutputError(
+                    f"{self.folder} is in use by another fit ({holder}); two runs in one folder would mix their "
+                    "checkpoints. Wait for it to finish, or give this run another folder (--checkpoint.dirpath, or "
+                    "leave it unset for a new version_N)."
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd

@@ -13,6 +13,7 @@ from test_cli import common_args, run_cli
 from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
 from lit_lora.optimized import fingerprint, read_manifest
+from lit_lora.runs import RunLock
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
@@ -134,6 +135,40 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
         cli_main(["fit", *args])
 
 
+def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_build_it(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """A sweep starts its fits at once on one new local folder: the first builds it, the others wait and then use it
+    (unheld, each rebuilt it over the others' files, and the dataset was left marked complete with empty splits).
+    A damaged split is reported in one line, not as litdata's assertion."""
+    import threading
+
+    folder = tmp_path / "optimized"
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=0, optimized_dir=str(folder))
+    other_process = RunLock(folder)  # an flock on another open file, as another process's build holds it
+    other_process.acquire()
+    waiting = Food101DataModule(**settings)
+    thread = threading.Thread(target=waiting.prepare_data)
+    thread.start()
+    thread.join(2.0)
+    assert thread.is_alive() and read_manifest(str(folder)) is None  # waits, writing nothing
+    manifest = Food101DataModule(**settings)._optimize(str(folder))  # what the other process writes meanwhile
+    built = (folder / "train" / "index.json").stat().st_mtime_ns
+    other_process.release()
+    thread.join(60)
+    assert not thread.is_alive() and (folder / "train" / "index.json").stat().st_mtime_ns == built  # used, not rebuilt
+    waiting.setup("fit")
+    assert len(waiting.train_table) == manifest["splits"]["train"] == 36
+
+    (folder / "val" / "index.json").write_text('{"chunks": [], "config": null}')
+    with pytest.raises(ValueError, match=r"cannot read the val split of data.optimized_dir at .*/val \(AssertionError: .*--overwrite true"):
+        Food101DataModule(**settings).setup("fit")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"mine is not empty and holds no optimized dataset"):
+        Food101DataModule(**settings).optimize(str(foreign))
+    assert [p.name for p in foreign.iterdir()] == ["precious.txt"]  # not even a lock file
+
+
 def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """A local optimized dataset copied elsewhere (a node's own disk) between the interruption and the resume: the
     loader goes on where it stopped, with the same augmented pixels (litdata alone refuses a state saved elsewhere).
@@ -166,7 +201,7 @@ def test_a_test_split_that_is_also_validated_on_is_written_once(tmp_path: Path, 
     settings = dict(data_dir=food101_dir, train_split="train", val_split="test", image_processor=tiny_vit, num_workers=0)
     manifest = Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
     assert manifest["splits"] == {"train": 48, "val": 16, "test": 16} and manifest["folders"] == {"test": "val"}
-    assert sorted(p.name for p in (tmp_path / "optimized").iterdir()) == ["lit_lora_dataset.json", "train", "val"]
+    assert sorted(p.name for p in (tmp_path / "optimized").iterdir()) == [".lit_lora.lock", "lit_lora_dataset.json", "train", "val"]
     module = Food101DataModule(**settings, optimized_dir=str(tmp_path / "optimized"))
     module.setup("test")
     files = Food101DataModule(**settings)
