@@ -20,9 +20,11 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -38,7 +40,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
 from lit_lora import log
-from lit_lora.files import write_text
+from lit_lora.files import free_bytes, write_text
 from lit_lora.images import FileTable, HFTable, ImageTable, exif_orientation, raised_by_decoder, to_rgb
 from lit_lora.runs import LOCK_NAME, RunLock
 from lit_lora.sampling import seeded_cpu_rng
@@ -140,6 +142,12 @@ class WriteImage:
             # A forked worker: one torch thread, as torch's own DataLoader workers do (a forked copy of the parent's
             # OpenMP pool can deadlock), and the worker is one of several already.
             torch.set_num_threads(1)
+            # litdata stops a failed optimize (a full disk, an error in here) by terminating its workers, and each
+            # worker's helper process (its "remover") then waits forever, orphaned, on a queue nobody writes to
+            # (litdata 0.2.76): every failed optimize left one process per worker behind (500 MB resident, mostly
+            # shared), holding its caller's output pipes open. Terminated, a worker takes its helpers with it. Only in
+            # optimize's own worker processes, which exist for this function.
+            signal.signal(signal.SIGTERM, _end_with_helpers)
             self._pid = os.getpid()
         try:
             with self.table.open(row) as image:
@@ -162,6 +170,13 @@ class WriteImage:
         image.draft("RGB", shape if sideways else shape[::-1])  # in stored orientation: (width, height)
         pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
         return tvF.resize(pixels, list(shape), antialias=True) if tuple(pixels.shape[1:]) != shape else pixels
+
+
+def _end_with_helpers(signum: int, frame: Any) -> None:
+    """SIGTERM in an optimize worker: end its helper processes, then the worker (as SIGTERM would)."""
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(128 + signum)
 
 
 def _provider(url: str, storage_options: dict[str, Any]) -> Any:
@@ -252,6 +267,7 @@ def write_splits(
     storage_options = dict(storage_options or {})
     if not is_url(location):
         location = str(Path(location).expanduser().resolve())
+        _check_free_space(location, estimated_bytes(tables, settings, train_side), replace)
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
     sizes, folders, evaluation_splits = {}, {}, {}  # evaluation_splits: (rows, labels) -> the split written with them
@@ -268,12 +284,18 @@ def write_splits(
             # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
             # worker's start and end). Its progress bar, on standard error, stays on a terminal; in a log file (a
             # batch job's, CI's) it would be dozens of lines of cursor-movement codes, so there it is off.
-            with contextlib.redirect_stdout(io.StringIO()):
-                optimize(
-                    fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
-                    num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
-                    storage_options=storage_options, start_method=_start_method(), verbose=sys.stderr.isatty(),
-                )
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    optimize(
+                        fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
+                        num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
+                        storage_options=storage_options, start_method=_start_method(), verbose=sys.stderr.isatty(),
+                    )
+            except RuntimeError as err:  # litdata's: "We found the following error <a worker's traceback>"
+                raise ValueError(
+                    f"optimize stopped while writing {split} into {join(location, split)} ({_first_error(str(err))}); the dataset there is "
+                    "marked incomplete: fix the cause and run it again (fit rebuilds a local one itself)."
+                ) from err
             seconds = time.perf_counter() - start
             log.info(f"[lit_lora] optimized {split} in {seconds:.1f} s ({len(table) / seconds:.0f} images/s)")
             before = len(unreadable)
@@ -286,6 +308,46 @@ def write_splits(
     complete = {**manifest, "state": "complete", "splits": sizes, "folders": folders, "unreadable": unreadable}
     write_manifest(location, complete, storage_options)
     return complete
+
+
+def estimated_bytes(tables: dict[str, ImageTable], settings: ImageSettings, train_side: int, sample: int = 64) -> int:
+    """About how many bytes `write_splits` writes: evaluation images at the crop size, training images at
+    ``train_side`` on the shorter side (their mean size read from up to ``sample`` image headers)."""
+    total = 0
+    for split, table in tables.items():
+        if split != "train":
+            total += len(table) * settings.crop[0] * settings.crop[1] * 3
+            continue
+        areas = []
+        for row in sorted({int(r) for r in np.linspace(0, len(table) - 1, min(sample, len(table)))}):
+            try:
+                with table.open(row) as image:
+                    width, height = image.size
+            except Exception:  # an unreadable image: optimize leaves it out and says why
+                continue
+            areas.append(height * width if min(height, width) <= train_side else math.prod(shorter_side_shape(height, width, train_side)))
+        total += int(len(table) * 3 * (sum(areas) / len(areas) if areas else train_side**2))
+    return total
+
+
+def _check_free_space(location: str, need: int, replace: bool) -> None:
+    """Refuse, before decoding anything, to write ``need`` bytes into a folder whose disk has less free (counting a
+    dataset there that this one replaces)."""
+    free = free_bytes(location)
+    if replace and Path(location).is_dir():
+        free += sum(f.stat().st_size for f in Path(location).rglob("*") if f.is_file())
+    if free < need:
+        raise ValueError(
+            f"{location}: the optimized dataset needs about {need / 1e9:.2f} GB and its disk has {free / 1e9:.2f} GB free; "
+            "free some space or write it elsewhere."
+        )
+
+
+def _first_error(text: str) -> str:
+    """The first ``SomeError: message`` line of a traceback's text (the root cause), else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    return (causes[0] if causes else lines[-1] if lines else text)[:300]
 
 
 class OptimizedImages(StreamingDataset):

@@ -118,6 +118,49 @@ def test_optimize_reports_bad_images_as_fit_does(tmp_path: Path, monkeypatch: py
         cli_main(["fit", *args, "--data.on_bad_image=error", "--trainer.max_epochs=1"])
 
 
+def test_optimize_checks_the_free_space_first_and_a_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, food101_dir: str, tiny_vit: str) -> None:
+    from lit_lora import optimized
+
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=2)
+    tables, _ = Food101DataModule(**settings)._optimized_splits()
+    need = optimized.estimated_bytes(tables, Food101DataModule(**settings).image_settings, 256)
+    written = Food101DataModule(**settings).optimize(str(tmp_path / "roomy"))
+    actual = sum(f.stat().st_size for f in (tmp_path / "roomy").rglob("chunk-*.bin"))
+    assert written["state"] == "complete" and 0.9 * actual < need < 1.5 * actual  # the estimate, against what was written
+    with monkeypatch.context() as patch:
+        patch.setattr(optimized, "free_bytes", lambda path: need - 1)
+        with pytest.raises(ValueError, match=r"the optimized dataset needs about .* GB and its disk has .* GB free; free some space"):
+            Food101DataModule(**settings).optimize(str(tmp_path / "cramped"))
+    assert optimized.read_manifest(str(tmp_path / "cramped")) is None  # refused before decoding or writing anything
+
+    def broken(self: object, image: object) -> None:
+        raise RuntimeError("a bug in a transform")
+
+    monkeypatch.setattr(optimized.WriteImage, "_resized", broken)  # in optimize's (forked) workers too
+    before = forks_of_this_process()
+    with pytest.raises(ValueError, match=r"optimize stopped while writing train into .*/train \(RuntimeError: a bug in a transform\); .*incomplete"):
+        Food101DataModule(**settings).optimize(str(tmp_path / "failing"))
+    assert optimized.read_manifest(str(tmp_path / "failing"))["state"] == "incomplete"
+    deadline = time.monotonic() + 10
+    while forks_of_this_process() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not forks_of_this_process() - before  # litdata's helper processes went with its terminated workers
+
+
+def forks_of_this_process() -> set[int]:
+    """Processes other than this one that run its command line: its forks (optimize's workers and their helpers)."""
+    own = Path("/proc/self/cmdline").read_bytes()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if (entry / "cmdline").read_bytes() == own:
+                    found.add(int(entry.name))
+            except OSError:  # ended meanwhile
+                pass
+    return found
+
+
 @pytest.mark.parametrize("kind", ["cmyk", "palette_alpha", "sixteen_bit", "exif_rotated", "grayscale"])
 def test_odd_image_modes_train_as_rgb(tmp_path: Path, tiny_vit: str, kind: str) -> None:
     root = tmp_path / "folders"
