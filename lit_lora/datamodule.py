@@ -335,6 +335,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         reads it)."""
         if not self.optimized_dir or optimized.is_url(self.optimized_dir):
             return
+        if (optimized.read_manifest(self.optimized_dir) or {}).get("state") == "complete":
+            return  # nothing to build, nothing to hold (a prebuilt dataset may be on a read-only disk)
         with optimized.writing(self.optimized_dir):  # another fit building it (a sweep started at once): wait, then use it
             existing = optimized.read_manifest(self.optimized_dir)
             if (existing or {}).get("state") == "incomplete" or (existing is None and not optimized.holds_files(self.optimized_dir)):

@@ -135,7 +135,7 @@ def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_ch
         cli_main(["fit", *args])
 
 
-def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_build_it(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_build_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
     """A sweep starts its fits at once on one new local folder: the first builds it, the others wait and then use it
     (unheld, each rebuilt it over the others' files, and the dataset was left marked complete with empty splits).
     A damaged split is reported in one line, not as litdata's assertion."""
@@ -157,6 +157,9 @@ def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_buil
     assert not thread.is_alive() and (folder / "train" / "index.json").stat().st_mtime_ns == built  # used, not rebuilt
     waiting.setup("fit")
     assert len(waiting.train_table) == manifest["splits"]["train"] == 36
+    with monkeypatch.context() as patch:  # a complete dataset is not held: it may be on a read-only disk
+        patch.setattr(optimized.RunLock, "acquire", lambda *args, **kwargs: pytest.fail("held a complete dataset"))
+        Food101DataModule(**settings).prepare_data()
 
     (folder / "val" / "index.json").write_text('{"chunks": [], "config": null}')
     with pytest.raises(ValueError, match=r"cannot read the val split of data.optimized_dir at .*/val \(AssertionError: .*--overwrite true"):
