@@ -122,9 +122,10 @@ def test_optimize_checks_the_free_space_first_and_a_failure_is_one_line(tmp_path
     from lit_lora import optimized
 
     settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=2)
-    tables, _ = Food101DataModule(**settings)._optimized_splits()
-    need = optimized.estimated_bytes(tables, Food101DataModule(**settings).image_settings, 256)
-    written = Food101DataModule(**settings).optimize(str(tmp_path / "roomy"))
+    module = Food101DataModule(**settings)
+    tables, _ = module._optimized_splits()
+    need = optimized.estimated_bytes(tables, module.image_settings, 256)
+    written = module.optimize(str(tmp_path / "roomy"))
     actual = sum(f.stat().st_size for f in (tmp_path / "roomy").rglob("chunk-*.bin"))
     assert written["state"] == "complete" and 0.9 * actual < need < 1.5 * actual  # the estimate, against what was written
     with monkeypatch.context() as patch:
