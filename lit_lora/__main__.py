@@ -39,6 +39,9 @@ def main() -> NoReturn:
         if isinstance(err.__context__, KeyboardInterrupt):  # Lightning's exit after a second Ctrl-C
             sys.exit(128 + signal.SIGINT)
         raise
+    except KeyboardInterrupt as err:  # outside Lightning's loops: optimize, export
+        print(f"lit_lora: {err or 'interrupted'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (ValueError, FileNotFoundError, FloatingPointError, PermissionError) as err:
         # Our errors say what was wrong, where, and what to do; a traceback would bury that.
         if os.environ.get("LIT_LORA_TRACEBACK"):

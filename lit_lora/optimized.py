@@ -23,11 +23,11 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -152,6 +152,8 @@ class WriteImage:
             # shared), holding its caller's output pipes open. Terminated, a worker takes its helpers with it. Only in
             # optimize's own worker processes, which exist for this function.
             signal.signal(signal.SIGTERM, _end_with_helpers)
+            # Stopped by Ctrl-C, litdata's process exits at once, and a worker then waits forever for its helpers.
+            _when_parent_is_gone(lambda: _end_with_helpers(signal.SIGTERM, None))
             self._pid = os.getpid()
         try:
             with self.table.open(row) as image:
@@ -174,6 +176,18 @@ class WriteImage:
         image.draft("RGB", shape if sideways else shape[::-1])  # in stored orientation: (width, height)
         pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
         return tvF.resize(pixels, list(shape), antialias=True) if tuple(pixels.shape[1:]) != shape else pixels
+
+
+def _when_parent_is_gone(action: Callable[[], Any]) -> None:
+    """Run ``action`` in a daemon thread of this process once its parent process has ended."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        action()
+
+    threading.Thread(target=watch, name="lit_lora: watch parent", daemon=True).start()
 
 
 def _end_with_helpers(signum: int, frame: Any) -> None:
@@ -233,26 +247,66 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
         ) from err
 
 
-@contextlib.contextmanager
-def _keeping_process_state() -> Any:
-    """Put back what litdata's ``optimize`` changes for the whole process and leaves so: the multiprocessing start
-    method (``set_start_method(..., force=True)``), the SIGINT handler (its own, bound to a finished job) and the
-    global random generators of ``random``, NumPy and torch (it seeds all three with its own seed). The user's pools,
-    Ctrl-C handling (Lightning's, the CLI's) and seeded runs keep theirs: a fit that builds its dataset first
-    initialises its weights as a fit on a dataset built before does."""
-    method, handler = multiprocessing.get_start_method(allow_none=True), signal.getsignal(signal.SIGINT)
-    generators = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
+    """litdata's ``optimize`` for one split, run in a child process.
+
+    litdata changes process-wide state and leaves it so (the multiprocessing start method, forced; its own SIGINT
+    handler; the random generators of ``random``, NumPy and torch, seeded with its seed), and on Ctrl-C its handler
+    exits with status 0 and leaves its workers running. In a child, the caller keeps its pools, signal handlers and
+    seeded random state (a fit that builds its dataset first initialises its weights as one on a prebuilt dataset
+    does), and an interruption is one: `KeyboardInterrupt` here, with every process of the write ended.
+
+    Raises:
+        ValueError: the write failed (a full disk, an error in the image code), naming the root error.
+        KeyboardInterrupt: Ctrl-C, or SIGINT to this process or to the child.
+    """
+    context = multiprocessing.get_context(_start_method())
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_optimize_in_child, args=(sender, output_dir, options), name=f"lit_lora optimize {split}")
+    child.start()
+    sender.close()
+    stopped = KeyboardInterrupt(f"interrupted while writing {split} into {output_dir}; the dataset there is marked incomplete")
     try:
-        yield
-    finally:
-        multiprocessing.set_start_method(method, force=True)
-        signal.signal(signal.SIGINT, handler)
-        random.setstate(generators[0])
-        np.random.set_state(generators[1])
-        torch.set_rng_state(generators[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        outcome = receiver.recv()
+    except EOFError:  # ended without a word: killed, or (exit status 0) stopped by litdata's SIGINT handler
+        child.join()
+        outcome = stopped if child.exitcode in (0, -signal.SIGINT) else OSError(f"the writing process ended with exit status {child.exitcode}")
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGINT)  # a terminal's Ctrl-C reached it too; a `kill -INT` of this process did not
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        raise stopped from None
+    child.join()
+    if isinstance(outcome, KeyboardInterrupt):
+        raise stopped
+    if outcome is not None:
+        cause = _first_error(str(outcome)) if isinstance(outcome, RuntimeError) else f"{type(outcome).__name__}: {outcome}"
+        raise ValueError(
+            f"optimize stopped while writing {split} into {output_dir} ({cause}); the dataset there is marked incomplete: "
+            "fix the cause and run it again (fit rebuilds a local one itself)."
+        ) from outcome
+
+
+def _optimize_in_child(sender: Any, output_dir: str, options: dict[str, Any]) -> None:
+    """`_optimize_split`'s child: optimize, then send None, or the exception (litdata's RuntimeError holds a worker's
+    traceback). Stops as on Ctrl-C when its parent is gone (killed before it could stop the write)."""
+    _when_parent_is_gone(lambda: os.kill(os.getpid(), signal.SIGINT))
+    outcome: BaseException | None = None
+    try:
+        # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
+        # worker's start and end); its progress bar (standard error) is on only on a terminal (``verbose``).
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimize(output_dir=output_dir, start_method=_start_method(), **options)
+    except BaseException as err:  # noqa: BLE001 (all of them go to the parent)
+        outcome = err
+    try:
+        sender.send(outcome)
+    except BrokenPipeError:  # the parent is gone
+        pass
+    except Exception:  # an exception that does not pickle
+        sender.send(RuntimeError(f"{type(outcome).__name__}: {outcome}"))
 
 
 def _start_method() -> str:
@@ -274,32 +328,20 @@ def write_splits(
         _check_free_space(location, estimated_bytes(tables, settings, train_side), replace)
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
-    sizes, folders, evaluation_splits = {}, {}, {}  # evaluation_splits: (rows, labels) -> the split written with them
-    with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes, _keeping_process_state():
+    sizes, folders = {}, stored_as(tables)
+    with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes:
         for split, table in tables.items():
-            if split != "train":
-                same = evaluation_splits.setdefault((tuple(map(table.describe, range(len(table)))), tuple(table.labels)), split)
-                if same != split:
-                    folders[split], sizes[split] = same, sizes[same]
-                    continue
+            if split in folders:
+                sizes[split] = sizes[folders[split]]
+                continue
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
             log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
             start = time.perf_counter()
-            # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
-            # worker's start and end). Its progress bar, on standard error, stays on a terminal; in a log file (a
-            # batch job's, CI's) it would be dozens of lines of cursor-movement codes, so there it is off.
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    optimize(
-                        fn=fn, inputs=list(range(len(table))), output_dir=join(location, split), chunk_bytes=CHUNK_BYTES,
-                        num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
-                        storage_options=storage_options, start_method=_start_method(), verbose=sys.stderr.isatty(),
-                    )
-            except RuntimeError as err:  # litdata's: "We found the following error <a worker's traceback>"
-                raise ValueError(
-                    f"optimize stopped while writing {split} into {join(location, split)} ({_first_error(str(err))}); the dataset there is "
-                    "marked incomplete: fix the cause and run it again (fit rebuilds a local one itself)."
-                ) from err
+            _optimize_split(
+                split, join(location, split), fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,
+                num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
+                storage_options=storage_options, verbose=sys.stderr.isatty(),
+            )
             seconds = time.perf_counter() - start
             log.info(f"[lit_lora] optimized {split} in {seconds:.1f} s ({len(table) / seconds:.0f} images/s)")
             before = len(unreadable)
@@ -314,11 +356,27 @@ def write_splits(
     return complete
 
 
+def stored_as(tables: dict[str, ImageTable]) -> dict[str, str]:
+    """Evaluation splits with the same images and labels as one before them (a test split also validated on), each
+    with the split it is stored as, once: ``{"test": "val"}``."""
+    first: dict[tuple, str] = {}  # (images, labels) -> the first split with them
+    same: dict[str, str] = {}
+    for split, table in tables.items():
+        if split != "train":
+            key = (tuple(map(table.describe, range(len(table)))), tuple(table.labels))
+            if first.setdefault(key, split) != split:
+                same[split] = first[key]
+    return same
+
+
 def estimated_bytes(tables: dict[str, ImageTable], settings: ImageSettings, train_side: int, sample: int = 64) -> int:
     """About how many bytes `write_splits` writes: evaluation images at the crop size, training images at
     ``train_side`` on the shorter side (their mean size read from up to ``sample`` image headers)."""
     total = 0
+    stored_elsewhere = stored_as(tables)
     for split, table in tables.items():
+        if split in stored_elsewhere:
+            continue
         if split != "train":
             total += len(table) * settings.crop[0] * settings.crop[1] * 3
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -160,6 +161,54 @@ def forks_of_this_process() -> set[int]:
             except OSError:  # ended meanwhile
                 pass
     return found
+
+
+# optimize with each image taking 0.2 s more: a write that is still going on a second after it started.
+SLOW_OPTIMIZE = """
+import sys, time
+import lit_lora.optimized as optimized
+write = optimized.WriteImage.__call__
+optimized.WriteImage.__call__ = lambda self, row: (time.sleep(0.2), write(self, row))[1]
+from lit_lora.__main__ import main
+sys.argv = ["lit_lora", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("who", ["terminal", "process"])
+def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, food101_dir: str, tiny_vit: str, who: str) -> None:
+    """Ctrl-C in a terminal (SIGINT to the whole process group) or ``kill -INT`` of the process alone while optimize
+    writes: exit status 130 and one line, the dataset marked incomplete, no process and no temporary folder left.
+    (litdata's own SIGINT handler exits with status 0, and, signalled alone, leaves its workers writing.)"""
+    (tmp_path / "tmp").mkdir()
+    output = tmp_path / "optimized"
+    command = [sys.executable, "-c", SLOW_OPTIMIZE, "optimize", f"--data.data_dir={food101_dir}", "--data.train_split=train", f"--model.model_name_or_path={tiny_vit}",
+               "--data.num_workers=2", f"--output_dir={output}"]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:  # a file: processes left behind would keep a pipe open
+        process = subprocess.Popen(command, stderr=stderr, start_new_session=True, env=bare_env(TMPDIR=str(tmp_path / "tmp"), HF_HUB_OFFLINE="1"))
+    deadline = time.monotonic() + 60
+    while "optimizing train" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    if who == "terminal":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        os.kill(process.pid, signal.SIGINT)
+    assert process.wait(60) == 130, log.read_text()
+    last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
+    assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
+    assert json.loads((output / "lit_lora_dataset.json").read_text())["state"] == "incomplete"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)  # some process of its group is still there
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"processes of the interrupted optimize are still running: {subprocess.run(['ps', '-o', 'pid,ppid,cmd', '-g', str(process.pid)], capture_output=True, text=True).stdout}")
+    assert not list((tmp_path / "tmp").glob("lit_lora-*"))
 
 
 @pytest.mark.parametrize("kind", ["cmyk", "palette_alpha", "sixteen_bit", "exif_rotated", "grayscale"])

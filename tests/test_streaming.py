@@ -205,8 +205,13 @@ def test_a_test_split_that_is_also_validated_on_is_written_once(tmp_path: Path, 
     manifest = Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
     assert manifest["splits"] == {"train": 48, "val": 16, "test": 16} and manifest["folders"] == {"test": "val"}
     assert sorted(p.name for p in (tmp_path / "optimized").iterdir()) == [".lit_lora.lock", "lit_lora_dataset.json", "train", "val"]
+    from lit_lora import optimized
+
+    files = Food101DataModule(**settings)
+    tables, _ = files._optimized_splits()
+    written = sum(f.stat().st_size for f in (tmp_path / "optimized").rglob("chunk-*.bin"))
+    assert 0.9 * written < optimized.estimated_bytes(tables, files.image_settings, 256) < 1.1 * written  # the test split counted once
     module = Food101DataModule(**settings, optimized_dir=str(tmp_path / "optimized"))
     module.setup("test")
-    files = Food101DataModule(**settings)
     files.setup("test")
     assert [item["path"] for item in module.test_table] == files.test_table.paths  # the test images, in test's order
