@@ -205,8 +205,6 @@ def test_a_test_split_that_is_also_validated_on_is_written_once(tmp_path: Path, 
     manifest = Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
     assert manifest["splits"] == {"train": 48, "val": 16, "test": 16} and manifest["folders"] == {"test": "val"}
     assert sorted(p.name for p in (tmp_path / "optimized").iterdir()) == [".lit_lora.lock", "lit_lora_dataset.json", "train", "val"]
-    from lit_lora import optimized
-
     files = Food101DataModule(**settings)
     tables, _ = files._optimized_splits()
     written = sum(f.stat().st_size for f in (tmp_path / "optimized").rglob("chunk-*.bin"))
@@ -215,3 +213,15 @@ def test_a_test_split_that_is_also_validated_on_is_written_once(tmp_path: Path, 
     module.setup("test")
     files.setup("test")
     assert [item["path"] for item in module.test_table] == files.test_table.paths  # the test images, in test's order
+
+
+def test_a_process_that_must_not_fork_writes_through_a_spawned_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, class_folders_dir: str) -> None:
+    """A GPU fit's prepare_data runs after Lightning initialised CUDA, and such a process must not fork: a split is
+    then written by a spawned process (whose own workers fork)."""
+    monkeypatch.setattr(optimized, "_start_method", lambda: "spawn")  # in this process only, as CUDA would be
+    module = Food101DataModule(data_dir=class_folders_dir, train_split="train", val_size=0.25, image_processor=tiny_vit)
+    tables, description = module._optimized_splits()
+    location = str(tmp_path / "spawned")
+    manifest = optimized.write_splits(location, {"train": tables["train"]}, description, module.image_settings, 256, 2, {}, replace=False)
+    assert manifest["state"] == "complete" and manifest["splits"] == {"train": 18}
+    assert sorted(item["path"] for item in optimized.OptimizedImages(f"{location}/train")) == sorted(tables["train"].paths)
