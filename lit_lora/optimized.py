@@ -272,11 +272,10 @@ def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
         child.join()
         outcome = stopped if child.exitcode in (0, -signal.SIGINT) else OSError(f"the writing process ended with exit status {child.exitcode}")
     except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGINT)  # a terminal's Ctrl-C reached it too; a `kill -INT` of this process did not
-        child.join(30)
-        if child.is_alive():
-            child.kill()
+        # A `kill -INT` of this process alone does not reach the child, and a second SIGINT there (after a terminal's
+        # Ctrl-C, which did) deadlocks litdata's handler on its own queue lock: end it. Its workers follow it.
+        child.kill()
+        child.join()
         raise stopped from None
     child.join()
     if isinstance(outcome, KeyboardInterrupt):

@@ -195,7 +195,7 @@ def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, 
         os.killpg(process.pid, signal.SIGINT)
     else:
         os.kill(process.pid, signal.SIGINT)
-    assert process.wait(60) == 130, log.read_text()
+    assert process.wait(15) == 130, log.read_text()  # at once (under a second): a stuck handler would take 15 s or more
     last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
     assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
     assert json.loads((output / "lit_lora_dataset.json").read_text())["state"] == "incomplete"
