@@ -146,14 +146,6 @@ class WriteImage:
             # A forked worker: one torch thread, as torch's own DataLoader workers do (a forked copy of the parent's
             # OpenMP pool can deadlock), and the worker is one of several already.
             torch.set_num_threads(1)
-            # litdata stops a failed optimize (a full disk, an error in here) by terminating its workers, and each
-            # worker's helper process (its "remover") then waits forever, orphaned, on a queue nobody writes to
-            # (litdata 0.2.76): every failed optimize left one process per worker behind (500 MB resident, mostly
-            # shared), holding its caller's output pipes open. Terminated, a worker takes its helpers with it. Only in
-            # optimize's own worker processes, which exist for this function.
-            signal.signal(signal.SIGTERM, _end_with_helpers)
-            # Stopped by Ctrl-C, litdata's process exits at once, and a worker then waits forever for its helpers.
-            _when_parent_is_gone(lambda: _end_with_helpers(signal.SIGTERM, None))
             self._pid = os.getpid()
         try:
             with self.table.open(row) as image:
@@ -176,25 +168,6 @@ class WriteImage:
         image.draft("RGB", shape if sideways else shape[::-1])  # in stored orientation: (width, height)
         pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
         return tvF.resize(pixels, list(shape), antialias=True) if tuple(pixels.shape[1:]) != shape else pixels
-
-
-def _when_parent_is_gone(action: Callable[[], Any]) -> None:
-    """Run ``action`` in a daemon thread of this process once its parent process has ended."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        action()
-
-    threading.Thread(target=watch, name="lit_lora: watch parent", daemon=True).start()
-
-
-def _end_with_helpers(signum: int, frame: Any) -> None:
-    """SIGTERM in an optimize worker: end its helper processes, then the worker (as SIGTERM would)."""
-    for child in multiprocessing.active_children():
-        child.kill()
-    os._exit(128 + signum)
 
 
 def _provider(url: str, storage_options: dict[str, Any]) -> Any:
@@ -248,13 +221,15 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
 
 
 def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
-    """litdata's ``optimize`` for one split, run in a child process.
+    """litdata's ``optimize`` for one split, run in a child process that leads its own process group.
 
     litdata changes process-wide state and leaves it so (the multiprocessing start method, forced; its own SIGINT
-    handler; the random generators of ``random``, NumPy and torch, seeded with its seed), and on Ctrl-C its handler
-    exits with status 0 and leaves its workers running. In a child, the caller keeps its pools, signal handlers and
-    seeded random state (a fit that builds its dataset first initialises its weights as one on a prebuilt dataset
-    does), and an interruption is one: `KeyboardInterrupt` here, with every process of the write ended.
+    handler; the random generators of ``random``, NumPy and torch, seeded with its seed); on Ctrl-C its handler exits
+    with status 0 and leaves its workers writing; and when it stops on an error, each worker's helper process (its
+    "remover") waits forever, orphaned, on a queue (litdata 0.2.76; 500 MB resident each, holding the caller's output
+    pipes open). In a child, the caller keeps its own state, and once the split is written, has failed or is
+    interrupted, the child's process group (the child, litdata's workers and their helpers) is ended whole. An
+    interruption is one: `KeyboardInterrupt` here.
 
     Raises:
         ValueError: the write failed (a full disk, an error in the image code), naming the root error.
@@ -266,20 +241,19 @@ def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
     child.start()
     sender.close()
     stopped = KeyboardInterrupt(f"interrupted while writing {split} into {output_dir}; the dataset there is marked incomplete")
+    silent = object()
     try:
         outcome = receiver.recv()
-    except EOFError:  # ended without a word: killed, or (exit status 0) stopped by litdata's SIGINT handler
-        child.join()
+    except EOFError:  # ended without a word
+        outcome = silent
+    except KeyboardInterrupt:  # in a terminal, Ctrl-C reaches this process's group only: the child's ends below
+        outcome = stopped
+    finally:
+        _end_group_of(child)
+    if outcome is silent:  # killed, or (exit status 0) stopped by litdata's SIGINT handler
         outcome = stopped if child.exitcode in (0, -signal.SIGINT) else OSError(f"the writing process ended with exit status {child.exitcode}")
-    except KeyboardInterrupt:
-        # A `kill -INT` of this process alone does not reach the child, and a second SIGINT there (after a terminal's
-        # Ctrl-C, which did) deadlocks litdata's handler on its own queue lock: end it. Its workers follow it.
-        child.kill()
-        child.join()
-        raise stopped from None
-    child.join()
     if isinstance(outcome, KeyboardInterrupt):
-        raise stopped
+        raise stopped from None
     if outcome is not None:
         cause = _first_error(str(outcome)) if isinstance(outcome, RuntimeError) else f"{type(outcome).__name__}: {outcome}"
         raise ValueError(
@@ -288,10 +262,29 @@ def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
         ) from outcome
 
 
+def _end_group_of(child: multiprocessing.process.BaseProcess) -> None:
+    """Kill what is left of ``child``'s process group, the child included, then reap the child (after: until it is
+    reaped, its pid cannot name another process group)."""
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left, or the child had no group yet
+            os.killpg(child.pid, signal.SIGKILL)
+    child.kill()
+    child.join()
+
+
 def _optimize_in_child(sender: Any, output_dir: str, options: dict[str, Any]) -> None:
     """`_optimize_split`'s child: optimize, then send None, or the exception (litdata's RuntimeError holds a worker's
-    traceback). Stops as on Ctrl-C when its parent is gone (killed before it could stop the write)."""
-    _when_parent_is_gone(lambda: os.kill(os.getpid(), signal.SIGINT))
+    traceback). Leads a process group of its own, which it ends when its parent is gone (killed before it could)."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os.killpg(0, signal.SIGKILL)
+
+        threading.Thread(target=watch_parent, name="lit_lora: watch parent", daemon=True).start()
     outcome: BaseException | None = None
     try:
         # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each

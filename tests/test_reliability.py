@@ -149,18 +149,23 @@ def test_optimize_checks_the_free_space_first_and_a_failure_is_one_line(tmp_path
     assert not forks_of_this_process() - before  # litdata's helper processes went with its terminated workers
 
 
-def forks_of_this_process() -> set[int]:
-    """Processes other than this one that run its command line: its forks (optimize's workers and their helpers)."""
-    own = Path("/proc/self/cmdline").read_bytes()
+def processes_running(command: bytes) -> set[int]:
+    """Processes other than this one whose command line is ``command`` (``/proc/<pid>/cmdline``): a process's forks
+    share its command line."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if (entry / "cmdline").read_bytes() == own:
+                if (entry / "cmdline").read_bytes() == command:
                     found.add(int(entry.name))
             except OSError:  # ended meanwhile
                 pass
     return found
+
+
+def forks_of_this_process() -> set[int]:
+    """Processes other than this one that run its command line: its forks (optimize's workers and their helpers)."""
+    return processes_running(Path("/proc/self/cmdline").read_bytes())
 
 
 # optimize with each image taking 0.2 s more: a write that is still going on a second after it started.
@@ -175,39 +180,37 @@ main()
 """
 
 
-@pytest.mark.parametrize("who", ["terminal", "process"])
-def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, food101_dir: str, tiny_vit: str, who: str) -> None:
-    """Ctrl-C in a terminal (SIGINT to the whole process group) or ``kill -INT`` of the process alone while optimize
-    writes: exit status 130 and one line, the dataset marked incomplete, no process and no temporary folder left.
-    (litdata's own SIGINT handler exits with status 0, and, signalled alone, leaves its workers writing.)"""
+def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, food101_dir: str, tiny_vit: str) -> None:
+    """Ctrl-C in a terminal (SIGINT to the whole process group) and ``kill -INT`` of the process alone, while optimize
+    writes (two runs at once): exit status 130 at once and one line, the dataset marked incomplete, no process and no
+    temporary folder left. (litdata's own SIGINT handler exits with status 0, and, signalled alone, leaves its workers
+    writing.)"""
     (tmp_path / "tmp").mkdir()
-    output = tmp_path / "optimized"
-    command = [sys.executable, "-c", SLOW_OPTIMIZE, "optimize", f"--data.data_dir={food101_dir}", "--data.train_split=train", f"--model.model_name_or_path={tiny_vit}",
-               "--data.num_workers=2", f"--output_dir={output}"]
-    log = tmp_path / "stderr.txt"
-    with log.open("w") as stderr:  # a file: processes left behind would keep a pipe open
-        process = subprocess.Popen(command, stderr=stderr, start_new_session=True, env=bare_env(TMPDIR=str(tmp_path / "tmp"), HF_HUB_OFFLINE="1"))
-    deadline = time.monotonic() + 60
-    while "optimizing train" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    if who == "terminal":
-        os.killpg(process.pid, signal.SIGINT)
-    else:
-        os.kill(process.pid, signal.SIGINT)
-    assert process.wait(15) == 130, log.read_text()  # at once (under a second): a stuck handler would take 15 s or more
-    last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
-    assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
-    assert json.loads((output / "lit_lora_dataset.json").read_text())["state"] == "incomplete"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)  # some process of its group is still there
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"processes of the interrupted optimize are still running: {subprocess.run(['ps', '-o', 'pid,ppid,cmd', '-g', str(process.pid)], capture_output=True, text=True).stdout}")
+    runs = {}
+    for who in ("terminal", "process"):
+        output, log = tmp_path / who / "optimized", tmp_path / f"{who}.txt"
+        command = [sys.executable, "-c", SLOW_OPTIMIZE, "optimize", f"--data.data_dir={food101_dir}", "--data.train_split=train",
+                   f"--model.model_name_or_path={tiny_vit}", "--data.num_workers=2", f"--output_dir={output}"]
+        with log.open("w") as stderr:  # a file: processes left behind would keep a pipe open
+            process = subprocess.Popen(command, stderr=stderr, start_new_session=True, env=bare_env(TMPDIR=str(tmp_path / "tmp"), HF_HUB_OFFLINE="1"))
+        runs[who] = process, output, log, ("\0".join(command) + "\0").encode()
+    for who, (process, output, log, command) in runs.items():
+        deadline = time.monotonic() + 60
+        while "optimizing train" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        if who == "terminal":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGINT)
+        assert process.wait(15) == 130, log.read_text()  # at once (under a second): a stuck handler would take 15 s or more
+        last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
+        assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
+        assert json.loads((output / "lit_lora_dataset.json").read_text())["state"] == "incomplete"
+        deadline = time.monotonic() + 10
+        while processes_running(command) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not processes_running(command), f"{who}: processes of the interrupted optimize are still running"
     assert not list((tmp_path / "tmp").glob("lit_lora-*"))
 
 
