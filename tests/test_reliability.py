@@ -41,8 +41,14 @@ def test_the_console_shows_lit_loras_lines_not_library_chatter(tmp_path: Path, t
     demo = ["--config", str(REPO / "configs" / "demo.yaml")]
     outputs = {"fit": (trained_demo.parents[2] / "fit_output.txt").read_text()}
     validate = [f"--ckpt_path={trained_demo / 'last.ckpt'}", f"--data.optimized_dir={trained_demo.parents[2] / 'optimized'}"]
-    for command, extra in (("validate", validate), ("predict", [f"--ckpt_path={trained_demo / 'adapter'}", f"--data.predict_dir={trained_demo}"])):
-        result = run_cli([command, *demo, *extra], tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(trained_demo / "training_curves.png", images / name)
+    predict = [f"--ckpt_path={trained_demo / 'adapter'}", f"--data.predict_dir={images}"]
+    verbose_validate = ["--verbose", "validate", *demo, f"--ckpt_path={trained_demo / 'last.ckpt'}"]
+    validated, predicted, verbose = run_clis([["validate", *demo, *validate], ["predict", *demo, *predict], verbose_validate], tmp_path)
+    for command, result in (("validate", validated), ("predict", predicted)):
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[command] = result.stdout + result.stderr
     litdata = ("Create an account", "Storing the files", "inferred the following", "Worker 0 is", "Finished data processing", "buffer is not writable")
@@ -53,8 +59,7 @@ def test_the_console_shows_lit_loras_lines_not_library_chatter(tmp_path: Path, t
     assert "[lit_lora] optimizing train: 384 images into" in outputs["fit"] and "[lit_lora] optimized train in " in outputs["fit"]
     assert "Progress" not in outputs["fit"] and "\x1b[" not in outputs["fit"]  # litdata's bar only on a terminal, not in logs
     assert "[lit_lora] trainable params:" in outputs["fit"] and "[lit_lora] fit finished" in outputs["fit"]
-    assert "[lit_lora] validate report" in outputs["validate"] and "[lit_lora] wrote 2 predictions" in outputs["predict"]  # the run folder's two PNGs
-    verbose = run_cli(["--verbose", "validate", *demo, f"--ckpt_path={trained_demo / 'last.ckpt'}"], tmp_path)
+    assert "[lit_lora] validate report" in outputs["validate"] and "[lit_lora] wrote 2 predictions" in outputs["predict"]
     assert "GPU available" in verbose.stdout + verbose.stderr  # --verbose brings the libraries' lines back
 
 
@@ -268,6 +273,18 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path) -> None:
 def run_cli(args: list[str], cwd: Path, offline: bool = True) -> subprocess.CompletedProcess:
     env = bare_env(PATH="", **({"HF_HUB_OFFLINE": "1"} if offline else {}))
     return subprocess.run([sys.executable, "-m", "lit_lora", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def run_clis(runs: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """`run_cli` (offline) for several command lines at once, each in a folder of its own under ``cwd`` (run folders
+    are numbered per folder): mostly imports, they overlap well."""
+    processes = []
+    for number, args in enumerate(runs):
+        (cwd / str(number)).mkdir()
+        command = [sys.executable, "-m", "lit_lora", *args]
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd / str(number), env=bare_env(PATH="", HF_HUB_OFFLINE="1")))
+    outputs = [p.communicate(timeout=300) for p in processes]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
 
 def test_misspelled_option_says_what_it_may_have_meant(tmp_path: Path, run_main) -> None:
