@@ -361,9 +361,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             try:
                 return OptimizedImages(location, seed=self.seed, storage_options=self.storage_options, max_cache_size=self.optimized_cache_size, **kwargs)
             except Exception as err:  # litdata's own checks (an AssertionError for an index without chunks) and storage errors
-                reason = " ".join(str(err).split())[:300]
                 raise ValueError(
-                    f"cannot read the {name} split of data.optimized_dir at {location} ({type(err).__name__}: {reason}); if it is damaged, "
+                    f"cannot read the {name} split of data.optimized_dir at {location} ({optimized.error_line(err)}); if it is damaged, "
                     "rebuild it with `python -m lit_lora optimize ... --overwrite true`."
                 ) from err
 

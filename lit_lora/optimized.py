@@ -213,9 +213,8 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
             provider.download_file(join(location, MANIFEST), str(Path(folder) / MANIFEST))
             return json.loads((Path(folder) / MANIFEST).read_text())
     except Exception as err:  # the storage client's own errors (boto3, google-cloud-storage)
-        reason = " ".join(str(err).split())[:300]
         raise ValueError(
-            f"cannot read the optimized dataset at {location} ({type(err).__name__}: {reason}); check the URL, "
+            f"cannot read the optimized dataset at {location} ({error_line(err)}); check the URL, "
             "--data.storage_options and the AWS_* variables"
         ) from err
 
@@ -255,7 +254,7 @@ def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
     if isinstance(outcome, KeyboardInterrupt):
         raise stopped from None
     if outcome is not None:
-        cause = _first_error(str(outcome)) if isinstance(outcome, RuntimeError) else f"{type(outcome).__name__}: {outcome}"
+        cause = _first_error(str(outcome)) if isinstance(outcome, RuntimeError) else error_line(outcome)
         raise ValueError(
             f"optimize stopped while writing {split} into {output_dir} ({cause}); the dataset there is marked incomplete: "
             "fix the cause and run it again (fit rebuilds a local one itself)."
@@ -395,6 +394,11 @@ def _check_free_space(location: str, need: int, replace: bool) -> None:
             f"{location}: the optimized dataset needs about {need / 1e9:.2f} GB and its disk has {free / 1e9:.2f} GB free; "
             "free some space or write it elsewhere."
         )
+
+
+def error_line(err: BaseException) -> str:
+    """``SomeError: message`` on one line, at most 300 characters of message (storage clients' messages span lines)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
 def _first_error(text: str) -> str:

@@ -151,7 +151,7 @@ def test_optimize_checks_the_free_space_first_and_a_failure_is_one_line(tmp_path
     deadline = time.monotonic() + 10
     while forks_of_this_process() - before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not forks_of_this_process() - before  # litdata's helper processes went with its terminated workers
+    assert not forks_of_this_process() - before  # litdata's helper processes too (killed with the writer's process group)
 
 
 def processes_running(command: bytes) -> set[int]:
