@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,23 +39,45 @@ def common_args(tiny_vit: str, food101_dir: str) -> list[str]:
     ]
 
 
-def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """``python -m lit_lora ARGS`` in an interpreter of its own (one that DDP launches or a signal stops), offline and
-    finding this folder's callbacks, with ``env`` added; asserts it succeeded unless ``check`` is False. A run still
-    going after 300 s (a hung DDP process) is killed with all its processes and fails the test."""
+def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """Start ``python -m lit_lora ARGS`` in an interpreter of its own (one that DDP launches or a signal stops), offline
+    and finding this folder's callbacks, with ``env`` added; `finish_cli` waits for it. Its output goes to unnamed
+    files, not pipes: runs started together never block on a full pipe, and none is left in the run folder."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])), **env}
-    command = [sys.executable, "-m", "lit_lora", *args]
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # DDP's second process too, which holds the output pipes open
-            stdout, stderr = process.communicate()
-            pytest.fail(f"python -m lit_lora {' '.join(args[:1])} still ran after 300 s: {stderr[-3000:]}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    outputs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, stdout=outputs[0], stderr=outputs[1], text=True, start_new_session=True)
+    process.outputs = outputs  # type: ignore[attr-defined]
+    return process
+
+
+def finish_cli(process: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    """Wait for a `start_cli` run; assert it succeeded unless ``check`` is False. A run still going after 300 s (a hung
+    DDP process) is killed with all its processes and fails the test."""
+    hung = False
+    try:
+        process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # DDP's second process too
+        process.wait()
+        hung = True
+    stdout, stderr = (_read_and_close(f) for f in process.outputs)  # type: ignore[attr-defined]
+    if hung:
+        pytest.fail(f"python -m lit_lora {process.args[3]} still ran after 300 s: {stderr[-3000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def _read_and_close(file: Any) -> str:
+    file.seek(0)
+    with file:
+        return file.read()
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`start_cli`, then `finish_cli`."""
+    return finish_cli(start_cli(args, cwd, **env), check)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_cli import common_args, run_cli
+from test_cli import common_args, finish_cli, run_cli, start_cli
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
@@ -67,11 +71,22 @@ def preempted_fit(tiny_vit: str, food101_dir: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight_ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit: str, food101_dir: str) -> Path:
-    """`preempted_fit` straight through: the run folder whose last.ckpt and metrics the preempted runs must equal."""
+def straight_ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit: str, food101_dir: str) -> Iterator[Callable[[], Path]]:
+    """`preempted_fit` straight through, started at once in the background (it overlaps the run a test stops, mostly
+    in imports); calling the result waits for it and gives the run folder whose last.ckpt and metrics the preempted
+    runs must equal."""
     folder = tmp_path_factory.mktemp("straight-ddp")
-    run_cli(["fit", *preempted_fit(tiny_vit, food101_dir)], folder)
-    return folder / "checkpoints" / "run" / "version_0"
+    process = start_cli(["fit", *preempted_fit(tiny_vit, food101_dir)], folder)
+
+    @functools.cache
+    def finished() -> Path:
+        finish_cli(process)
+        return folder / "checkpoints" / "run" / "version_0"
+
+    yield finished
+    if process.poll() is None:  # a test failed before it waited
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def assert_same_weights(run: Path, straight: Path) -> None:
@@ -80,20 +95,20 @@ def assert_same_weights(run: Path, straight: Path) -> None:
 
 
 def test_ddp_epochs_cover_every_image_once_with_fresh_augmentations_across_a_preemption(
-    tmp_path: Path, tiny_vit: str, food101_dir: str, straight_ddp_run: Path
+    tmp_path: Path, tiny_vit: str, food101_dir: str, straight_ddp_run: Callable[[], Path]
 ) -> None:
     args = preempted_fit(tiny_vit, food101_dir)
     # SIGTERM reaches one process only, mid-epoch and mid-window (as when a scheduler signals each task on its own):
     # both processes stop after the same batch and save one checkpoint together (Lightning 2.6 alone deadlocks here:
     # its issue #20806), from which the run resumes as if never stopped.
     args.append("--trainer.callbacks+=test_ddp.RecordPixels")
-    signal = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.epoch=1", "--trainer.callbacks.init_args.rank=1"]
-    stopped = run_cli(["fit", *args, *signal], tmp_path, check=False)
+    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.epoch=1", "--trainer.callbacks.init_args.rank=1"]
+    stopped = run_cli(["fit", *args, *stop], tmp_path, check=False)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3 + 1  # 5 batches (3 steps) per epoch; then 3 batches in
     run_cli(["fit", *args, f"--ckpt_path={last}"], tmp_path)
-    assert_same_weights(last.parent, straight_ddp_run)
+    assert_same_weights(last.parent, straight_ddp_run())
 
     seen = [line.split() for rank in (0, 1) for line in (tmp_path / f"pixels-rank{rank}.txt").read_text().splitlines()]
     for epoch in ("0", "1"):
@@ -129,7 +144,7 @@ def test_ddp_sigterm_during_the_sanity_check_stops_after_the_first_batch(tmp_pat
 
 @pytest.mark.slow  # 40 s
 def test_ddp_sigterm_during_validation_stops_there_and_resumes_by_validating_again(
-    tmp_path: Path, tiny_vit: str, food101_dir: str, straight_ddp_run: Path
+    tmp_path: Path, tiny_vit: str, food101_dir: str, straight_ddp_run: Callable[[], Path]
 ) -> None:
     args = preempted_fit(tiny_vit, food101_dir)
     stopped = run_cli(["fit", *args, "--trainer.callbacks+=test_ddp.SignalDuringValidation", "--trainer.callbacks.init_args.sanity=false"], tmp_path, check=False)
@@ -138,5 +153,5 @@ def test_ddp_sigterm_during_validation_stops_there_and_resumes_by_validating_aga
     assert "val/acc" not in (run / "metrics.csv").read_text()  # stopped inside epoch 0's validation, not after it
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 3
     run_cli(["fit", *args, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
-    assert_same_weights(run, straight_ddp_run)
-    assert logged(run, "val/acc") == logged(straight_ddp_run, "val/acc")  # epoch 0 validated again, whole
+    assert_same_weights(run, straight_ddp_run())
+    assert logged(run, "val/acc") == logged(straight_ddp_run(), "val/acc")  # epoch 0 validated again, whole

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_checkpoints import assert_same_training_state
-from test_cli import common_args, run_cli
+from test_cli import common_args, finish_cli, run_cli, start_cli
 
 from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
@@ -71,12 +71,14 @@ def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str
     assert set(epochs[0]) != set(epochs[1])
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 4
 
-    run_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
+    # validate and predict at once (they overlap well, mostly in imports)
+    out = tmp_path / "predictions.csv"
+    validating = start_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
+    run_cli(["predict", *args, *DDP, f"--ckpt_path={run / 'adapter-last'}", f"--predictions.output_path={out}"], tmp_path)
+    finish_cli(validating)
     support = sum(int(r["support"]) for r in csv.DictReader((run / "validate" / "validate_report" / "per_class.csv").open()) if r["class"] in ("tomato", "matcha", "blueberry", "banana"))
     assert support == 12  # every validation image counted once
 
-    out = tmp_path / "predictions.csv"
-    run_cli(["predict", *args, *DDP, f"--ckpt_path={run / 'adapter-last'}", f"--predictions.output_path={out}"], tmp_path)
     paths = [r["path"] for r in csv.DictReader(out.open())]
     assert len(paths) == len(set(paths)) == 16 and all("/images/" in p for p in paths)  # the test split, each image once
 
@@ -99,10 +101,11 @@ def test_sigterm_mid_window_while_streaming_from_s3_resumes_exactly(food101_on_s
             "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false"]
     for name in ("straight", "stopped"):
         (tmp_path / name).mkdir()
+    stopping = start_cli([*args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.batch=1"], tmp_path / "stopped",
+                         LITDATA_CACHE_DIR=str(tmp_path / "another-chunk-cache"))
     monkeypatch.chdir(tmp_path / "straight")
-    cli_main(args)
-    stopped = run_cli([*args, "--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.batch=1"], tmp_path / "stopped", check=False,
-                      LITDATA_CACHE_DIR=str(tmp_path / "another-chunk-cache"))
+    cli_main(args)  # while the run to stop starts
+    stopped = finish_cli(stopping, check=False)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
     interrupted = torch.load(last, weights_only=True)
