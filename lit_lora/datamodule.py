@@ -538,8 +538,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """The training loader's own ``state_dict`` (where it is in the epoch).
 
         Lightning saves it with the loops too, but drops that copy on resume when ``configure_optimizers`` reads
-        ``trainer.estimated_stepping_batches`` (Lightning issue #20550; `LoRAImageClassifier`'s schedule does), so the
-        data module carries it as well and hands it to the next training loader it makes (`load_state_dict`)."""
+        ``trainer.estimated_stepping_batches`` (Lightning issue #20550; schedules of any length do), so the data
+        module carries it as well and hands it to the next training loader it makes (`load_state_dict`)."""
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

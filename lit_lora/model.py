@@ -320,7 +320,21 @@ class LoRAImageClassifier(pl.LightningModule):
             hp.warmup_ratio,
             hp.get("lr_scheduler_kwargs"),
         )
+        self._hand_over_train_loader_state()  # reading estimated_stepping_batches built the training loader
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _hand_over_train_loader_state(self) -> None:
+        """Give a resumed fit's training loader the state it had at the checkpoint, when the loader already exists.
+
+        Lightning saves a stateful loader's ``state_dict`` (litdata's, torchdata's ``StatefulDataLoader``) and loads it
+        into the loader it builds after restoring the checkpoint; but reading ``trainer.estimated_stepping_batches`` in
+        ``configure_optimizers`` (for the schedule's length) builds the loader before that, and Lightning then drops
+        the state (its issue #20550): the resumed epoch would start again from its first batch. A loader built later
+        gets the state from Lightning, so the one kept from the checkpoint is dropped on ``on_train_start``."""
+        state, loader = getattr(self, "_train_loader_state", None), self.trainer.train_dataloader
+        if state is not None and callable(getattr(loader, "load_state_dict", None)):
+            loader.load_state_dict(state)
+            self._train_loader_state = None
 
     # ---- checkpoints: trainable weights only -------------------------------------------------------------
 
@@ -350,11 +364,15 @@ class LoRAImageClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the trainable weights only (the frozen base is rebuilt from ``model_name_or_path``), with what an
-        exact resume needs: the random states (LoRA dropout) and, when the run stops inside an accumulation window,
-        the gradients accumulated so far."""
+        exact resume needs: the random states (LoRA dropout), a stateful training loader's state (see
+        `_hand_over_train_loader_state`) and, when the run stops inside an accumulation window, the gradients
+        accumulated so far."""
         trainable = self.trainable_state_dict().keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
+        loader = self.trainer.train_dataloader if self.trainer.state.fn == "fit" else None
+        if callable(getattr(loader, "state_dict", None)):
+            checkpoint["train_loader"] = loader.state_dict()  # Lightning's own copy may be dropped on resume
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self)  # every process's own
 
@@ -372,6 +390,8 @@ class LoRAImageClassifier(pl.LightningModule):
                 set_torch_rng_states(checkpoint["rng_states"])
             saved = checkpoint.get("accumulated_gradients")
             self._gradients_to_restore = saved_gradients_for_this_process(saved) if saved else None
+            self._train_loader_state = checkpoint.get("train_loader")
+            self._hand_over_train_loader_state()  # a strategy that restores after configure_optimizers
 
     def _fit_is_resuming(self) -> bool:
         try:
@@ -385,3 +405,4 @@ class LoRAImageClassifier(pl.LightningModule):
         if saved:
             restore_gradients(self, saved)
         self._gradients_to_restore = None
+        self._train_loader_state = None  # not handed over: the loader was built after the restore, Lightning loaded it

@@ -58,9 +58,10 @@ class SeededShuffleSampler(DistributedSampler):
 class LoadsStateOnce:
     """Mixin for stateful loaders: a second `load_state_dict` of the state already loaded is ignored.
 
-    The data module hands its loader the saved state itself, because Lightning drops the loader states it saved when
-    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (Lightning issue #20550); when Lightning does
-    restore them, the same state arrives twice, and litdata's loader would advance its worker cycle twice.
+    The data module and `LoRAImageClassifier` each hand the training loader its saved state, because Lightning drops
+    the loader states it saved when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (Lightning
+    issue #20550); so the same state can arrive more than once, and litdata's loader would advance its worker cycle
+    each time.
     """
 
     _loaded_state: Any = None

@@ -47,6 +47,56 @@ def test_imagefolder_tuple_batches_train_validate_and_predict(class_folders_dir:
     torch.testing.assert_close(predictions[0]["probs"].sum(-1), torch.ones(8))
 
 
+class CountingLoader(__import__("torch").utils.data.DataLoader):
+    """Somebody else's stateful loader (as torchdata's ``StatefulDataLoader`` is): its state is how many batches of the
+    current pass it delivered, and a loaded state makes the next pass start after them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.delivered, self.skip, self.loaded = 0, 0, []
+
+    def state_dict(self) -> dict[str, int]:
+        return {"delivered": self.delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loaded.append(state)
+        self.skip = state["delivered"]
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        self.delivered = skip
+        for number, batch in enumerate(super().__iter__()):
+            if number >= skip:
+                self.delivered += 1
+                yield batch
+
+
+class SaveAtBatch(pl.Callback):
+    def __init__(self, path: Path, batch_idx: int) -> None:
+        self.path, self.batch_idx = path, batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_resumed_fit_hands_somebody_elses_stateful_loader_its_state(class_folders_dir: str, tiny_vit: str, tmp_path: Path) -> None:
+    """Lightning drops the saved loader state when ``configure_optimizers`` reads ``estimated_stepping_batches`` (its
+    issue #20550), as the model's schedule does: the model hands it over, so the resumed epoch goes on where it stopped."""
+    from torchvision import datasets, transforms
+
+    images = datasets.ImageFolder(class_folders_dir, transform=transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()]))
+    loader = CountingLoader(images, batch_size=4)
+    trainer(max_epochs=1, callbacks=[SaveAtBatch(tmp_path / "mid.ckpt", 2)]).fit(LoRAImageClassifier(tiny_vit, class_names=images.classes), loader)
+    assert len(loader) > 4 and torch.load(tmp_path / "mid.ckpt", weights_only=True)["global_step"] == 3
+
+    resumed_loader = CountingLoader(images, batch_size=4)
+    resumed = trainer(max_epochs=1)
+    resumed.fit(LoRAImageClassifier(tiny_vit, class_names=images.classes), resumed_loader, ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed_loader.loaded == [{"delivered": 3}]
+    assert resumed.global_step == len(loader)  # the rest of the epoch, each batch once
+
+
 def test_a_batch_of_another_kind_is_a_one_line_type_error(tiny_vit: str) -> None:
     model = LoRAImageClassifier(tiny_vit, class_names=["a", "b"])
     for batch, said in ((["no", "tensors"], "a list of 2 (str, str)"), ({"image": torch.zeros(2, 3, 32, 32)}, "a dict with keys ['image']")):
