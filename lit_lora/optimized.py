@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -219,8 +220,9 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
         ) from err
 
 
-def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
-    """litdata's ``optimize`` for one split, run in a child process that leads its own process group.
+def _optimize_split(split: str, output_dir: str, notes_dir: str, **options: Any) -> None:
+    """litdata's ``optimize`` for one split, run in a child process that leads its own process group (``notes_dir``:
+    the caller's temporary folder, which the child removes if the caller dies first).
 
     litdata changes process-wide state and leaves it so (the multiprocessing start method, forced; its own SIGINT
     handler; the random generators of ``random``, NumPy and torch, seeded with its seed); on Ctrl-C its handler exits
@@ -236,7 +238,7 @@ def _optimize_split(split: str, output_dir: str, **options: Any) -> None:
     """
     context = multiprocessing.get_context(_start_method())
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_optimize_in_child, args=(sender, output_dir, options), name=f"lit_lora optimize {split}")
+    child = context.Process(target=_optimize_in_child, args=(sender, output_dir, notes_dir, options), name=f"lit_lora optimize {split}")
     child.start()
     sender.close()
     stopped = KeyboardInterrupt(f"interrupted while writing {split} into {output_dir}; the dataset there is marked incomplete")
@@ -271,9 +273,10 @@ def _end_group_of(child: multiprocessing.process.BaseProcess) -> None:
     child.join()
 
 
-def _optimize_in_child(sender: Any, output_dir: str, options: dict[str, Any]) -> None:
+def _optimize_in_child(sender: Any, output_dir: str, notes_dir: str, options: dict[str, Any]) -> None:
     """`_optimize_split`'s child: optimize, then send None, or the exception (litdata's RuntimeError holds a worker's
-    traceback). Leads a process group of its own, which it ends when its parent is gone (killed before it could)."""
+    traceback). Leads a process group of its own, which it ends when its parent is gone (killed before it could end
+    it, or clean up its ``notes_dir``: a SIGTERM's default action skips Python's cleanup)."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
         parent = os.getppid()
@@ -281,6 +284,7 @@ def _optimize_in_child(sender: Any, output_dir: str, options: dict[str, Any]) ->
         def watch_parent() -> None:
             while os.getppid() == parent:
                 time.sleep(0.5)
+            shutil.rmtree(notes_dir, ignore_errors=True)
             os.killpg(0, signal.SIGKILL)
 
         threading.Thread(target=watch_parent, name="lit_lora: watch parent", daemon=True).start()
@@ -329,7 +333,7 @@ def write_splits(
             log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
             start = time.perf_counter()
             _optimize_split(
-                split, join(location, split), fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,
+                split, join(location, split), notes, fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,
                 num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
                 storage_options=storage_options, verbose=sys.stderr.isatty(),
             )

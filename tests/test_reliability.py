@@ -187,30 +187,37 @@ main()
 
 def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, food101_dir: str, tiny_vit: str) -> None:
     """Ctrl-C in a terminal (SIGINT to the whole process group) and ``kill -INT`` of the process alone, while optimize
-    writes (two runs at once): exit status 130 at once and one line, the dataset marked incomplete, no process and no
+    writes (runs at once): exit status 130 at once and one line, the dataset marked incomplete, no process and no
     temporary folder left. (litdata's own SIGINT handler exits with status 0, and, signalled alone, leaves its workers
-    writing.)"""
+    writing.) ``kill -TERM`` (SIGTERM's default action: no Python cleanup) leaves no process and no folder either."""
     (tmp_path / "tmp").mkdir()
     runs = {}
-    for who in ("terminal", "process"):
+    for who in ("terminal", "process", "sigterm"):
         output, log = tmp_path / who / "optimized", tmp_path / f"{who}.txt"
         command = [sys.executable, "-c", SLOW_OPTIMIZE, "optimize", f"--data.data_dir={food101_dir}", "--data.train_split=train",
                    f"--model.model_name_or_path={tiny_vit}", "--data.num_workers=2", f"--output_dir={output}"]
         with log.open("w") as stderr:  # a file: processes left behind would keep a pipe open
             process = subprocess.Popen(command, stderr=stderr, start_new_session=True, env=bare_env(TMPDIR=str(tmp_path / "tmp"), HF_HUB_OFFLINE="1"))
         runs[who] = process, output, log, ("\0".join(command) + "\0").encode()
-    for who, (process, output, log, command) in runs.items():
-        deadline = time.monotonic() + 60
-        while "optimizing train" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1)
+    due: dict[str, float] = {}  # when to signal each run: a second after it started writing its train split
+    deadline = time.monotonic() + 90
+    while runs.keys() - due.keys() and time.monotonic() < deadline:
+        due.update({who: time.monotonic() + 1 for who, run in runs.items() if who not in due and "optimizing train" in run[2].read_text()})
+        time.sleep(0.05)
+    for who in sorted(due, key=due.get):
+        time.sleep(max(0.0, due[who] - time.monotonic()))
+        process = runs[who][0]
         if who == "terminal":
             os.killpg(process.pid, signal.SIGINT)
         else:
-            os.kill(process.pid, signal.SIGINT)
-        assert process.wait(15) == 130, log.read_text()  # at once (under a second): a stuck handler would take 15 s or more
-        last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
-        assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
+            os.kill(process.pid, signal.SIGTERM if who == "sigterm" else signal.SIGINT)
+    for who, (process, output, log, command) in runs.items():
+        if who == "sigterm":
+            assert process.wait(15) == -signal.SIGTERM
+        else:
+            assert process.wait(15) == 130, log.read_text()  # at once (under a second): a stuck handler would take 15 s or more
+            last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
+            assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
         assert json.loads((output / "lit_lora_dataset.json").read_text())["state"] == "incomplete"
         deadline = time.monotonic() + 10
         while processes_running(command) and time.monotonic() < deadline:
