@@ -183,6 +183,17 @@ def _provider(url: str, storage_options: dict[str, Any]) -> Any:
     return providers[scheme](storage_options=dict(storage_options))
 
 
+def _checking(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """``storage_options`` for the first look at an ``s3://`` URL: a wrong endpoint, port or network fails in seconds
+    (10 s to connect, 3 attempts). litdata's client, made for long streaming runs, retries 1,000 times: a refused
+    connection went on for over 200 s without a word. The user's own ``config`` wins."""
+    if not url.startswith("s3://"):
+        return storage_options
+    import botocore.config
+
+    return {"config": botocore.config.Config(connect_timeout=10, retries={"max_attempts": 3, "mode": "standard"}), **storage_options}
+
+
 def write_manifest(location: str, manifest: dict[str, Any], storage_options: dict[str, Any]) -> None:
     """Write ``manifest`` as ``location/lit_lora_dataset.json`` (replacing any previous one; locally through a
     temporary file, so a reader sees the old or the new one whole)."""
@@ -206,7 +217,7 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
     if not is_url(location):
         path = Path(location).expanduser() / MANIFEST
         return json.loads(path.read_text()) if path.is_file() else None
-    provider = _provider(location, storage_options or {})
+    provider = _provider(location, _checking(location, storage_options or {}))
     try:
         if not provider.exists(join(location, MANIFEST)):
             return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,29 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit:
     default = Food101DataModule(optimized_dir=food101_on_s3, image_processor=tiny_vit, dataset=None)
     default.setup("fit")
     assert default.train_table.max_cache_size is None
+
+
+def test_a_url_whose_endpoint_refuses_fails_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong port in the endpoint: one line naming the URL within seconds (litdata's client alone retried for
+    minutes without a word). In a thread, so that a hang fails the test instead of stopping the suite."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    outcome: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            read_manifest("s3://bucket/food101", {"endpoint_url": f"https://127.0.0.1:{port}"})
+        except Exception as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert outcome, "reading the manifest was still retrying after 60 s"
+    assert isinstance(outcome[0], ValueError) and "cannot read the optimized dataset at s3://bucket/food101 (EndpointConnectionError" in str(outcome[0])
 
 
 def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
