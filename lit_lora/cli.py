@@ -198,6 +198,8 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += lora_problems(model)
     problems += device_problems(config.trainer)
     problems += output_folder_problems(output_folders(subcommand, config))
+    if streamed and not built_elsewhere(streamed):  # the data module will build it (prepare_data)
+        problems += output_folder_problems([("data.optimized_dir", streamed)])
     problems += hub_problems(name, data.get("dataset") if not data_dir and not streamed and subcommand != "predict" else None)
     return problems
 

@@ -252,14 +252,18 @@ def test_a_full_disk_stops_in_one_line_and_every_checkpoint_still_loads(tmp_path
 def test_output_problems_are_found_before_loading_anything(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError) as caught:
-        cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={tmp_path / 'a-file'}", f"--trainer.default_root_dir={tmp_path / 'a-file' / 'x'}", "--model.r=0", "--trainer.accelerator=gpu" if not torch.cuda.is_available() else "--model.lora_dropout=1.5"])
+        cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={tmp_path / 'a-file'}", f"--trainer.default_root_dir={tmp_path / 'a-file' / 'x'}", "--model.r=0", "--trainer.accelerator=gpu" if not torch.cuda.is_available() else "--model.lora_dropout=1.5",
+                  f"--data.optimized_dir={tmp_path / 'a-file'}"])
     message = str(caught.value)
     assert "checkpoint.dirpath" in message and "trainer.default_root_dir" in message and "is a file" in message
+    assert f"data.optimized_dir '{tmp_path / 'a-file'}' cannot be a folder" in message  # fit would build it there
     assert "model.r must be a positive LoRA rank" in message
     assert ("trainer.accelerator 'gpu' asks for a GPU" in message) or ("model.lora_dropout" in message)
     with tmpfs(tmp_path / "read-only", "1m", read_only=True) as read_only:
         with pytest.raises(ValueError, match=r"checkpoint.dirpath .* is not writable"):
             cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={read_only / 'run'}"])
+        with pytest.raises(ValueError, match=r"data.optimized_dir .* is not writable"):
+            cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--data.optimized_dir={read_only / 'optimized'}"])
         subprocess.run(["mount", "-o", "remount,rw", str(read_only)], check=True)
         (read_only / "run").mkdir()
         (read_only / "run" / "last.ckpt").write_bytes(b"")  # a run folder to resume in, then made read-only
