@@ -92,7 +92,12 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.resume_at = (int(state.get("epoch", 0)), int(state.get("batches", 0)))
+        if state.keys() != {"epoch", "batches"}:  # another loader saved it (litdata's): a position in other data
+            raise ValueError(
+                "the checkpoint was saved while training on other data than these image files (an optimized dataset): resume with "
+                "the data it was trained on, or start a new fit without --ckpt_path."
+            )
+        self.resume_at = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.sampler

@@ -226,6 +226,10 @@ def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tm
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(again, rest))
     with pytest.raises(ValueError, match=r"saved while training on other data than .*other/train .*start a new fit"):
         training_loader(tmp_path / "other", val_size=0.5).load_state_dict(state)
+    files = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=0)
+    files.setup("fit")
+    with pytest.raises(ValueError, match=r"saved while training on other data than these image files \(an optimized dataset\)"):
+        files.train_dataloader().load_state_dict(state)  # it would restart the epoch from its first batch
 
 
 def test_a_test_split_that_is_also_validated_on_is_written_once(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
