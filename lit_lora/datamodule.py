@@ -369,7 +369,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if stage in ("fit", "validate"):
             self.train_table = stream("train", transform=train_transform(self.image_settings), shuffle=True)
             self.val_table = stream("val")
-            log.info(f"[lit_lora] {self.optimized_dir}: {len(self.train_table)} train / {len(self.val_table)} validation images")
+            sizes = manifest["splits"]  # not len(): under DDP, litdata's datasets have this process's share
+            log.info(f"[lit_lora] {self.optimized_dir}: {sizes['train']} train / {sizes['val']} validation images")
         elif stage == "test":
             self.test_table = stream("test")
         else:
