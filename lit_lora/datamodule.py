@@ -259,7 +259,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             tables["test"] = self._test_files()
         names = list(source.class_names)
         fingerprint = optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side)
-        return tables, {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint}
+        pixels = optimized.stored_pixels(self.image_settings, self.optimized_train_side)
+        return tables, {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint, "pixels": pixels}
 
     def optimize(self, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
         """Write the splits ``fit`` and ``test`` use (the same seeded, stratified split) as litdata datasets under
@@ -299,8 +300,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return manifest
 
     def optimized_manifest(self, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The manifest of ``optimized_dir``, checked: complete, with these labels, and (with ``data_dir`` set) built
-        from its images and these settings.
+        """The manifest of ``optimized_dir``, checked: complete, with these labels, its pixels cropped and resized for
+        this model's image processor, and (with ``data_dir`` set) built from its images.
 
         Args:
             manifest: the manifest as just read from ``optimized_dir`` (read here when None).
@@ -314,6 +315,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         where = f"data.optimized_dir {self.optimized_dir}"
         if manifest is None or manifest.get("state") != "complete":
             raise ValueError(f"{where} holds no complete optimized dataset; write one with `python -m lit_lora optimize --config ... --output_dir {self.optimized_dir}`.")
+        ours = optimized.stored_pixels(self.image_settings, self.optimized_train_side)
+        if manifest.get("pixels", ours) != ours:
+            raise ValueError(
+                f"{where} holds images cropped and resized for another image processor or data.optimized_train_side ({manifest['pixels']}; "
+                f"this model needs {ours}): rebuild it for this model with `python -m lit_lora optimize ... --overwrite true`."
+            )
         # Local files are cheap to check (a hub dataset would have to be loaded).
         if self.data_dir and manifest["fingerprint"] != self._optimized_splits()[1]["fingerprint"]:
             raise ValueError(

@@ -127,6 +127,12 @@ def fingerprint(tables: dict[str, ImageTable], class_names: list[str], settings:
     return digest.hexdigest()[:24]
 
 
+def stored_pixels(settings: ImageSettings, train_side: int) -> dict[str, Any]:
+    """What the stored pixels depend on (the manifest's ``pixels``): the evaluation crop, resize and interpolation of
+    the image processor, and the training images' shorter side. The mean and std are applied later, by the model."""
+    return {"crop": list(settings.crop), "resize": settings.resize, "interpolation": settings.interpolation, "train_side": train_side}
+
+
 class WriteImage:
     """litdata ``optimize``'s function for one split: row -> ``{"image": uint8 HWC, "label", "name"}``.
 

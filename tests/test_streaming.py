@@ -201,6 +201,18 @@ def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_buil
     assert [p.name for p in foreign.iterdir()] == ["precious.txt"]  # not even a lock file
 
 
+def test_a_dataset_built_for_another_image_processor_is_refused_in_one_line(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Without the source to fingerprint (a bucket alone), the stored pixels' crop, resize and training side are still
+    checked against the model's: other ones would fail inside the model, or evaluate other pixels than the exported
+    processor gives."""
+    folder = str(tmp_path / "optimized")
+    Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=0).optimize(folder)
+    Food101DataModule(dataset=None, optimized_dir=folder, image_processor=tiny_vit).setup("fit")  # the model it was built for
+    for other in ({}, {"image_processor": tiny_vit, "optimized_train_side": 64}):  # ViT's 224 px defaults; another training side
+        with pytest.raises(ValueError, match=r"holds images cropped and resized for another image processor .*this model needs .*--overwrite true"):
+            Food101DataModule(dataset=None, optimized_dir=folder, **other).setup("fit")
+
+
 def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """A local optimized dataset copied elsewhere (a node's own disk) between the interruption and the resume: the
     loader goes on where it stopped, with the same augmented pixels (litdata alone refuses a state saved elsewhere).
