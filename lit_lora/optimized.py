@@ -459,6 +459,8 @@ class OptimizedImages(StreamingDataset):
             storage_options=dict(storage_options or {}), max_cache_size=max_cache_size, batch_decode=BATCH_DECODE,
         )
         self.augment = transform
+        if not is_url(location):
+            _check_chunks(Path(location))
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         item = super().__getitem__(index)
@@ -468,3 +470,18 @@ class OptimizedImages(StreamingDataset):
             with seeded_cpu_rng(hash((self.seed, self.current_epoch, position)) & (2**62 - 1)):
                 pixels = self.augment(pixels)
         return {"pixel_values": pixels, "labels": item["label"], "index": position, "path": bytes(item["name"]).decode()}
+
+
+def _check_chunks(folder: Path) -> None:
+    """Fail at once when a chunk of a local split is missing or has another size than its index says (a copy cut
+    short): litdata would find out in a loader worker, after waiting for the chunk to grow, with a traceback.
+
+    Raises:
+        OSError: naming the first such chunk.
+    """
+    for chunk in json.loads((folder / "index.json").read_text())["chunks"]:
+        path = folder / chunk["filename"]
+        if not path.is_file():
+            raise OSError(f"{path} is missing")
+        if path.stat().st_size != chunk["chunk_bytes"]:
+            raise OSError(f"{path} has {path.stat().st_size} bytes, its index says {chunk['chunk_bytes']}: a copy cut short?")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import socket
 import threading
 from pathlib import Path
@@ -201,7 +202,7 @@ def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_buil
     assert [p.name for p in foreign.iterdir()] == ["precious.txt"]  # not even a lock file
 
 
-def test_a_dataset_built_for_another_image_processor_is_refused_in_one_line(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+def test_a_dataset_built_for_another_image_processor_or_damaged_is_refused_in_one_line(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """Without the source to fingerprint (a bucket alone), the stored pixels' crop, resize and training side are still
     checked against the model's: other ones would fail inside the model, or evaluate other pixels than the exported
     processor gives."""
@@ -211,6 +212,15 @@ def test_a_dataset_built_for_another_image_processor_is_refused_in_one_line(tmp_
     for other in ({}, {"image_processor": tiny_vit, "optimized_train_side": 64}):  # ViT's 224 px defaults; another training side
         with pytest.raises(ValueError, match=r"holds images cropped and resized for another image processor .*this model needs .*--overwrite true"):
             Food101DataModule(dataset=None, optimized_dir=folder, **other).setup("fit")
+
+    # A chunk cut short (an interrupted copy), then lost: one line before training, not a loader worker's traceback
+    # after litdata waited for the chunk to grow.
+    chunk = next((tmp_path / "optimized" / "train").glob("*.bin"))
+    os.truncate(chunk, 1000)
+    for damage in (rf"{chunk.name} has 1000 bytes, its index says \d+: a copy cut short", rf"{chunk.name} is missing"):
+        with pytest.raises(ValueError, match=rf"cannot read the train split of data.optimized_dir .*\(OSError: .*{damage}.*--overwrite true"):
+            Food101DataModule(dataset=None, optimized_dir=folder, image_processor=tiny_vit).setup("fit")
+        chunk.unlink(missing_ok=True)
 
 
 def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
