@@ -341,14 +341,15 @@ def write_splits(
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
     sizes, folders = {}, stored_as(tables)
-    with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes:
-        for split, table in tables.items():
-            if split in folders:
-                sizes[split] = sizes[folders[split]]
-                continue
+    for split, table in tables.items():
+        if split in folders:
+            sizes[split] = sizes[folders[split]]
+            continue
+        log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
+        start = time.perf_counter()
+        # A folder per split, for the workers' notes: between two splits none exists that a kill could leave behind.
+        with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes:
             fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
-            log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
-            start = time.perf_counter()
             _optimize_split(
                 split, join(location, split), notes, fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,
                 num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
@@ -356,13 +357,9 @@ def write_splits(
             )
             seconds = time.perf_counter() - start
             log.info(f"[lit_lora] optimized {split} in {seconds:.1f} s ({len(table) / seconds:.0f} images/s)")
-            before = len(unreadable)
-            for path in sorted(Path(notes).glob("unreadable-*.tsv")):
-                for line in path.read_text().splitlines():
-                    name, reason = line.split("\t", 1)
-                    unreadable[name] = reason
-                path.unlink()
-            sizes[split] = len(table) - (len(unreadable) - before)
+            found = [line.split("\t", 1) for path in sorted(Path(notes).glob("unreadable-*.tsv")) for line in path.read_text().splitlines()]
+        unreadable.update(found)
+        sizes[split] = len(table) - len(found)
     complete = {**manifest, "state": "complete", "splits": sizes, "folders": folders, "unreadable": unreadable}
     write_manifest(location, complete, storage_options)
     return complete
