@@ -198,8 +198,6 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += lora_problems(model)
     problems += device_problems(config.trainer)
     problems += output_folder_problems(output_folders(subcommand, config))
-    if streamed and not built_elsewhere(streamed):  # the data module will build it (prepare_data)
-        problems += output_folder_problems([("data.optimized_dir", streamed)])
     problems += hub_problems(name, data.get("dataset") if not data_dir and not streamed and subcommand != "predict" else None)
     return problems
 
@@ -345,9 +343,12 @@ def evaluation_folder(subcommand: str, config: Any) -> Path | None:
 
 def output_folders(subcommand: str, config: Any) -> list[tuple[str, Any]]:
     """The folders a command will write into, each with the option that sets it."""
+    optimized_dir = config.data.get("optimized_dir")
+    # A local optimized_dir that is missing or empty: the data module builds it (prepare_data), whatever the command.
+    building = [("data.optimized_dir", optimized_dir)] if optimized_dir and not built_elsewhere(optimized_dir) else []
     folder = evaluation_folder(subcommand, config)
     if folder is not None:
-        return [(f"the {subcommand} output folder (set --trainer.default_root_dir to write elsewhere)", folder)]
+        return [(f"the {subcommand} output folder (set --trainer.default_root_dir to write elsewhere)", folder), *building]
     folders: list[tuple[str, Any]] = [("trainer.default_root_dir", config.trainer.get("default_root_dir"))]
     init_args = _logger_init_args(config.trainer)
     if init_args is not None and init_args.get("save_dir"):
@@ -359,7 +360,7 @@ def output_folders(subcommand: str, config: Any) -> list[tuple[str, Any]]:
         folders.append(("the run folder of ckpt_path (a resumed fit writes there)", Path(ckpt_path).resolve().parent))
     if subcommand == "predict" and config.predictions.get("output_path"):
         folders.append(("predictions.output_path's folder", Path(config.predictions.get("output_path")).parent))
-    return folders
+    return folders + building
 
 
 def claim_run_folder(trainer: Any) -> None:
