@@ -39,11 +39,13 @@ def common_args(tiny_vit: str, food101_dir: str) -> list[str]:
     ]
 
 
-def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+def start_cli(args: list[str], cwd: Path, base_env: dict[str, str] | None = None, **env: str) -> subprocess.Popen:
     """Start ``python -m lit_lora ARGS`` in an interpreter of its own (one that DDP launches or a signal stops), offline
-    and finding this folder's callbacks, with ``env`` added; `finish_cli` waits for it. Its output goes to unnamed
-    files, not pipes: runs started together never block on a full pipe, and none is left in the run folder."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])), **env}
+    and finding this folder's callbacks, in ``base_env`` (this process's environment by default) with ``env`` added;
+    `finish_cli` waits for it. Its output goes to unnamed files, not pipes: runs started together never block on a full
+    pipe, and none is left in the run folder."""
+    base = dict(os.environ if base_env is None else base_env)
+    env = {**base, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), base.get("PYTHONPATH")])), **env}
     outputs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     process = subprocess.Popen([sys.executable, "-m", "lit_lora", *args], cwd=cwd, env=env, stdout=outputs[0], stderr=outputs[1], text=True, start_new_session=True)
     process.outputs = outputs  # type: ignore[attr-defined]

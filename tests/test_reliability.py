@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import bare_env
 from PIL import Image
-from test_cli import common_args
+from test_cli import common_args, finish_cli, start_cli
 
 from lit_lora import Food101DataModule
 from lit_lora.cli import cli_main
@@ -285,13 +285,10 @@ def run_cli(args: list[str], cwd: Path, offline: bool = True) -> subprocess.Comp
 def run_clis(runs: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
     """`run_cli` (offline) for several command lines at once, each in a folder of its own under ``cwd`` (run folders
     are numbered per folder): mostly imports, they overlap well."""
-    processes = []
-    for number, args in enumerate(runs):
+    for number in range(len(runs)):
         (cwd / str(number)).mkdir()
-        command = [sys.executable, "-m", "lit_lora", *args]
-        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd / str(number), env=bare_env(PATH="", HF_HUB_OFFLINE="1")))
-    outputs = [p.communicate(timeout=300) for p in processes]
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+    started = [start_cli(args, cwd / str(number), base_env=bare_env(PATH="")) for number, args in enumerate(runs)]
+    return [finish_cli(process, check=False) for process in started]
 
 
 def test_misspelled_option_says_what_it_may_have_meant(tmp_path: Path, run_main) -> None:
