@@ -237,9 +237,9 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
         ) from err
 
 
-def _optimize_split(split: str, output_dir: str, notes_dir: str, **options: Any) -> None:
-    """litdata's ``optimize`` for one split, run in a child process that leads its own process group (``notes_dir``:
-    the caller's temporary folder, which the child removes if the caller dies first).
+def _optimize_split(split: str, output_dir: str, work_dir: str, **options: Any) -> None:
+    """litdata's ``optimize`` for one split, run in a child process that leads its own process group (``work_dir``:
+    the caller's temporary folder for this split, which the child removes if the caller dies first).
 
     litdata changes process-wide state and leaves it so (the multiprocessing start method, forced; its own SIGINT
     handler; the random generators of ``random``, NumPy and torch, seeded with its seed); on Ctrl-C its handler exits
@@ -255,7 +255,7 @@ def _optimize_split(split: str, output_dir: str, notes_dir: str, **options: Any)
     """
     context = multiprocessing.get_context(_start_method())
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_optimize_in_child, args=(sender, output_dir, notes_dir, options), name=f"lit_lora optimize {split}")
+    child = context.Process(target=_optimize_in_child, args=(sender, output_dir, work_dir, options), name=f"lit_lora optimize {split}")
     child.start()
     sender.close()
     stopped = KeyboardInterrupt(f"interrupted while writing {split} into {output_dir}; the dataset there is marked incomplete")
@@ -290,10 +290,17 @@ def _end_group_of(child: multiprocessing.process.BaseProcess) -> None:
     child.join()
 
 
-def _optimize_in_child(sender: Any, output_dir: str, notes_dir: str, options: dict[str, Any]) -> None:
+def _optimize_in_child(sender: Any, output_dir: str, work_dir: str, options: dict[str, Any]) -> None:
     """`_optimize_split`'s child: optimize, then send None, or the exception (litdata's RuntimeError holds a worker's
     traceback). Leads a process group of its own, which it ends when its parent is gone (killed before it could end
-    it, or clean up its ``notes_dir``: a SIGTERM's default action skips Python's cleanup)."""
+    it, or clean up its ``work_dir``: a SIGTERM's default action skips Python's cleanup).
+
+    litdata stages chunks in ``$TMPDIR/chunks`` and ``$TMPDIR/data`` by default and empties both when it starts: a
+    user's own ``/tmp/data`` would be deleted, and two builds on one machine would delete each other's chunks. Its
+    two folders (``DATA_OPTIMIZER_CACHE_FOLDER``, ``DATA_OPTIMIZER_DATA_CACHE_FOLDER``) are set here, in the child,
+    inside ``work_dir``, which is this split's alone; the caller's environment is left as it is."""
+    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = os.path.join(work_dir, "chunks")
+    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = os.path.join(work_dir, "data")
     if hasattr(os, "setpgrp"):
         os.setpgrp()
         parent = os.getppid()
@@ -301,7 +308,7 @@ def _optimize_in_child(sender: Any, output_dir: str, notes_dir: str, options: di
         def watch_parent() -> None:
             while os.getppid() == parent:
                 time.sleep(0.5)
-            shutil.rmtree(notes_dir, ignore_errors=True)
+            shutil.rmtree(work_dir, ignore_errors=True)
             os.killpg(0, signal.SIGKILL)
 
         threading.Thread(target=watch_parent, name="lit_lora: watch parent", daemon=True).start()
@@ -347,17 +354,18 @@ def write_splits(
             continue
         log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
         start = time.perf_counter()
-        # A folder per split, for the workers' notes: between two splits none exists that a kill could leave behind.
-        with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as notes:
-            fn = WriteImage(table, notes, train_side=train_side) if split == "train" else WriteImage(table, notes, settings=settings)
+        # A folder per split, for the workers' notes and litdata's staging: between two splits none exists that a kill
+        # could leave behind.
+        with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as work:
+            fn = WriteImage(table, work, train_side=train_side) if split == "train" else WriteImage(table, work, settings=settings)
             _optimize_split(
-                split, join(location, split), notes, fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,
+                split, join(location, split), work, fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,
                 num_workers=max(1, min(num_workers, len(table))), mode="overwrite" if replace else None, keep_data_ordered=True,
                 storage_options=storage_options, verbose=sys.stderr.isatty(),
             )
             seconds = time.perf_counter() - start
             log.info(f"[lit_lora] optimized {split} in {seconds:.1f} s ({len(table) / seconds:.0f} images/s)")
-            found = [line.split("\t", 1) for path in sorted(Path(notes).glob("unreadable-*.tsv")) for line in path.read_text().splitlines()]
+            found = [line.split("\t", 1) for path in sorted(Path(work).glob("unreadable-*.tsv")) for line in path.read_text().splitlines()]
         unreadable.update(found)
         sizes[split] = len(table) - len(found)
     complete = {**manifest, "state": "complete", "splits": sizes, "folders": folders, "unreadable": unreadable}

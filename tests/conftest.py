@@ -10,13 +10,11 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Caches in one folder of the test run, removed at its end: the demo's assets (built once), and litdata's chunks (set
-# before litdata is imported, as it reads this once) and optimize's staging folders (else $TMPDIR/chunks and /data).
-# Not in ~/.cache, ~/.lightning or /tmp.
+# Caches in one folder of the test run, removed at its end: the demo's assets (built once) and litdata's chunks (set
+# before litdata is imported, as it reads this once). Not in ~/.cache, ~/.lightning or /tmp. (optimize stages its
+# chunks in a temporary folder of its own, removed after each split.)
 os.environ["LIT_LORA_CACHE"] = tempfile.mkdtemp(prefix="lit_lora-tests-")
 os.environ["LITDATA_CACHE_DIR"] = os.path.join(os.environ["LIT_LORA_CACHE"], "litdata")
-os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = os.path.join(os.environ["LIT_LORA_CACHE"], "optimize-chunks")
-os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = os.path.join(os.environ["LIT_LORA_CACHE"], "optimize-data")
 
 from pathlib import Path
 
@@ -33,7 +31,7 @@ CACHES = os.environ["LIT_LORA_CACHE"]
 def bare_env(**variables: str) -> dict[str, str]:
     """An almost empty environment for a fresh interpreter (what a new user's shell may lack), keeping the test
     run's cache folders above, plus ``variables``."""
-    caches = ("LIT_LORA_CACHE", "LITDATA_CACHE_DIR", "DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+    caches = ("LIT_LORA_CACHE", "LITDATA_CACHE_DIR")
     return {**{name: os.environ[name] for name in caches}, **variables}
 
 

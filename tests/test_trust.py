@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from test_cli import common_args
 
 from lit_lora.cli import cli_main
+from lit_lora.datamodule import Food101DataModule
 from lit_lora.files import TMP_MARK, OutputError
 
 TESTS = Path(__file__).parent
@@ -202,6 +204,20 @@ def test_fit_writes_nothing_through_a_tiny_tmpdir(tmp_path: Path, tiny_vit: str,
     run = tmp_path / "checkpoints" / "run" / "version_0"
     assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 1
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter-last" / "adapter_model.safetensors").is_file()
+
+
+def test_optimize_leaves_the_users_temporary_files_alone(tmp_path: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """litdata's optimize stages its chunks in $TMPDIR/chunks and $TMPDIR/data, shared by every process of the machine,
+    and empties both when it starts: a user's /tmp/data went with the first build. Now they are untouched, and the
+    build leaves nothing behind."""
+    tmp = tmp_path / "tmp"
+    for name in ("chunks", "data"):
+        (tmp / name).mkdir(parents=True)
+        (tmp / name / "mine.txt").write_text("a user's file")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the temporary folder of this process and of optimize's children
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=2)
+    assert Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))["state"] == "complete"
+    assert sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")) == ["chunks", "chunks/mine.txt", "data", "data/mine.txt"]
 
 
 def test_kill_while_writing_keeps_the_previous_checkpoint_and_the_next_run_cleans_up(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
