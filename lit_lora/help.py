@@ -9,9 +9,6 @@ import re
 import textwrap
 from typing import Any
 
-# The option groups a lit_lora user sets most, with the classes that document them.
-OWN_GROUPS = ("model", "data", "checkpoint", "predictions")
-
 SUBCOMMANDS = {
     "fit": "Train LoRA adapters and the head; checkpoints, adapter folders and metrics land in the run folder.",
     "validate": "Evaluate a checkpoint or adapter folder on the validation images; writes a report.",
