@@ -47,7 +47,7 @@ def test_imagefolder_tuple_batches_train_validate_and_predict(class_folders_dir:
     torch.testing.assert_close(predictions[0]["probs"].sum(-1), torch.ones(8))
 
 
-class CountingLoader(__import__("torch").utils.data.DataLoader):
+class CountingLoader(torch.utils.data.DataLoader):
     """Somebody else's stateful loader (as torchdata's ``StatefulDataLoader`` is): its state is how many batches of the
     current pass it delivered, and a loaded state makes the next pass start after them."""
 
