@@ -81,6 +81,10 @@ class ResumableDataLoader(DataLoader):
 
     A batch counts as it is handed out: Lightning fetches none ahead from a loader that has a length, so at a
     checkpoint the count is the batches trained.
+
+    Not torchdata's ``StatefulDataLoader`` itself: its state loads only into a loader with the same ``num_workers``
+    (0.11 fails an assertion otherwise: saved with 2 workers, loaded with 0 or 1), which defaults to the machine's cores, so a preempted run
+    resumed on another kind of node could not go on. This state is any worker count's.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -179,7 +179,7 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(
     # 5 batches per epoch: steps after batches 4 and 5; then 2 (mid-window) or 4 (a whole window) of epoch 1.
     assert interrupted["global_step"] == 2 + batches_done // 4
     assert ("accumulated_gradients" in interrupted) == (batches_done % 4 != 0)
-    fit(tmp_path / "stopped", monkeypatch, args, f"--ckpt_path={last}")
+    fit(tmp_path / "stopped", monkeypatch, args, f"--ckpt_path={last}")  # with 0 workers: the state is any count's
 
     assert_same_training_state(straight_accumulating_run / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=6)
 
