@@ -83,8 +83,8 @@ class ResumableDataLoader(DataLoader):
     checkpoint the count is the batches trained.
 
     Not torchdata's ``StatefulDataLoader`` itself: its state loads only into a loader with the same ``num_workers``
-    (0.11 fails an assertion otherwise: saved with 2 workers, loaded with 0 or 1), which defaults to the machine's cores, so a preempted run
-    resumed on another kind of node could not go on. This state is any worker count's.
+    (0.11 fails an assertion otherwise: saved with 2 workers, loaded with 0 or 1), which defaults to the machine's
+    cores, so a preempted run resumed on another kind of node could not go on. This state is any worker count's.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
