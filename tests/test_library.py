@@ -1,5 +1,6 @@
-"""Using lit_lora as a library: importing it or adding its callback changes no process-wide state, loading a
-checkpoint does not reseed the caller, and every learning-rate schedule either works or is refused up front."""
+"""Using lit_lora as a library: importing it or adding its callback changes no process-wide state, a script holding a
+loader with workers exits, loading a checkpoint does not reseed the caller, and every learning-rate schedule either
+works or is refused up front."""
 
 from __future__ import annotations
 
@@ -26,6 +27,27 @@ assert torch.equal(before[0], after[0]) and before[1:] == after[1:], "import cha
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_a_script_that_keeps_a_loader_with_workers_exits(tiny_vit: str, food101_dir: str) -> None:
+    """Loader workers ignore a SIGTERM from another process (a scheduler's, sent to every process of a job), yet end
+    when Python's exit terminates them: a script or notebook that still holds a loader with persistent workers exits
+    (it waited for them forever when they ignored every SIGTERM)."""
+    script = f"""
+import multiprocessing, subprocess, time
+from lit_lora import Food101DataModule
+data = Food101DataModule(data_dir={food101_dir!r}, train_split="train", val_size=0.25, batch_size=4, num_workers=1, image_processor={tiny_vit!r})
+data.setup("fit")
+loader = data.train_dataloader()
+batches = iter(loader)
+next(batches)
+subprocess.run(["kill", "-TERM", *(str(p.pid) for p in multiprocessing.active_children())], check=True)
+time.sleep(0.5)
+next(batches)  # the worker is still there
+print("ok", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
