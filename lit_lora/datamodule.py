@@ -6,6 +6,7 @@ import functools
 import os
 import signal
 import threading
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +68,10 @@ def _init_worker(worker_id: int, lower_priority: bool = False) -> None:
     instead (measured on 2 cores with pre-resized images: about 9% more training images/s).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # litdata hands out its chunks' read-only memory as tensors, and torch warns once per worker that they could be
+    # written to: lit_lora only reads them (crops and batches are copies). Filtered here, in the worker: the caller's
+    # process keeps its own filters.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below, in this worker alone
         threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="lit_lora: SIGTERM", daemon=True).start()
