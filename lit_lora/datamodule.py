@@ -59,9 +59,10 @@ def _init_worker(worker_id: int, lower_priority: bool = False) -> None:
     too. torch's workers die of them, and the main process then fails with "DataLoader worker ... is killed by
     signal" (exit 1), perhaps before it saved ``last.ckpt``. Workers ignore Ctrl-C, and a SIGTERM that another process
     sent: the main process stops after the batch and shuts them down (a worker also exits when its main process is
-    gone, and SIGKILL still ends it). A SIGTERM from the main process itself is obeyed: Python's exit sends one to each
-    worker still running (a script or notebook that keeps a loader with persistent workers), then waits for it.
-    Where the sender cannot be told (no ``signal.sigwaitinfo``: macOS, Windows), SIGTERM keeps its default action.
+    gone, and SIGKILL still ends it). A SIGTERM from the main process itself is obeyed (in forked workers, Linux's
+    default before Python 3.14): Python's exit sends one to each worker still running (a script or notebook that keeps
+    a loader with persistent workers), then waits for it. Where the sender cannot be told (no ``signal.sigwaitinfo``:
+    macOS, Windows), SIGTERM keeps its default action.
 
     When the model computes on the same cores, its threads wait for each other after every operation, so a worker
     that preempts one of them stalls all of them; at lower priority the workers fill the cores' idle moments
@@ -73,14 +74,18 @@ def _init_worker(worker_id: int, lower_priority: bool = False) -> None:
     # process keeps its own filters.
     warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
     if hasattr(signal, "sigwaitinfo"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below, in this worker alone
+        # Blocked in this thread, and so in every thread started from now on: the thread below takes them. A worker
+        # started with spawn or forkserver already runs a thread of torch's, which takes them first (measured): there
+        # every SIGTERM is ignored, as before, and a script holding such a loader still waits at exit.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="lit_lora: SIGTERM", daemon=True).start()
     if lower_priority:
         os.nice(10)
 
 
 def _exit_on_sigterm_from(parent: int) -> None:
-    """Wait for SIGTERMs (blocked in this worker); end the worker at the first one its main process sent."""
+    """Wait for SIGTERMs (blocked in this worker); end the worker at the first one its parent, the main process, sent."""
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
         pass
     os._exit(0)  # status 0: torch's check in the main process takes any other end for a crash

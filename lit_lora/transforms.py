@@ -208,20 +208,22 @@ class EvalTransform:
         return eval_pixels(_upright_pixels(image), self.settings).contiguous()
 
 
-def guide_train_transform(settings: ImageSettings) -> Callable[[Picture], torch.Tensor]:
-    """The guide's training augmentation, ending in uint8: RandomResizedCrop, RandomHorizontalFlip."""
-    augment = v2.Compose(
-        [
-            v2.RandomResizedCrop(settings.crop, interpolation=_interpolation(settings), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-        ]
-    )
+class GuideTrainTransform:
+    """The guide's training augmentation, ending in uint8: RandomResizedCrop, RandomHorizontalFlip. A class, not a
+    closure: loader workers started with ``spawn`` or ``forkserver`` (macOS's and Python 3.14's default) receive the
+    dataset, transforms included, pickled."""
 
-    def apply(image: Picture) -> torch.Tensor:
-        return augment(_to_pil(image) if isinstance(image, torch.Tensor) else to_rgb(image))
+    def __init__(self, settings: ImageSettings) -> None:
+        self.augment = v2.Compose(
+            [
+                v2.RandomResizedCrop(settings.crop, interpolation=_interpolation(settings), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.PILToTensor(),
+            ]
+        )
 
-    return apply
+    def __call__(self, image: Picture) -> torch.Tensor:
+        return self.augment(_to_pil(image) if isinstance(image, torch.Tensor) else to_rgb(image))
 
 
 def _width_height(image: Picture) -> tuple[int, int]:
@@ -277,7 +279,7 @@ class FastTrainCrop:
         self.settings = settings
         self.scale = list(scale)
         self.ratio = list(ratio)
-        self.fallback = guide_train_transform(settings)
+        self.fallback = GuideTrainTransform(settings)
 
     def __call__(self, image: Picture) -> torch.Tensor:
         if isinstance(image, Image.Image) and image.format is None and image.mode == "RGB":
@@ -313,7 +315,7 @@ class FastEvalCrop:
 
 def train_transform(settings: ImageSettings, fast_decode: bool = True) -> Callable[[Picture], torch.Tensor]:
     """Training augmentation ending in uint8: `FastTrainCrop`, or the guide's torchvision transforms."""
-    return FastTrainCrop(settings) if fast_decode else guide_train_transform(settings)
+    return FastTrainCrop(settings) if fast_decode else GuideTrainTransform(settings)
 
 
 def eval_transform(settings: ImageSettings, fast_decode: bool = False) -> Callable[[Picture], torch.Tensor]:

@@ -266,6 +266,19 @@ def test_loader_workers_yield_the_cpu_to_training_on_the_cpu(food101_dir: str) -
     assert list(probe) == [torch.tensor(os.nice(0))] * 2
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_the_loaders_datasets_pickle_for_spawned_workers(food101_dir: str, tiny_vit: str, fast_decode: bool) -> None:
+    """Loader workers started with spawn or forkserver (macOS's default, Linux's from Python 3.14) receive the dataset,
+    its transforms included, pickled."""
+    import pickle
+
+    module = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, num_workers=0, image_processor=tiny_vit, fast_decode=fast_decode)
+    module.setup("fit")
+    for loader, key in ((module.train_dataloader(), (0, 7)), (module.val_dataloader(), 0)):
+        copy = pickle.loads(pickle.dumps(loader.dataset))
+        assert torch.equal(copy[key]["pixel_values"], loader.dataset[key]["pixel_values"])
+
+
 def test_food101_data_module_is_the_general_one_with_the_guides_defaults(class_folders_dir: str) -> None:
     from lit_lora import ImageClassificationDataModule
 
