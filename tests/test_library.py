@@ -51,7 +51,10 @@ time.sleep(0.5)
 [next(b) for b in batches]  # the workers are still there
 print("ok", flush=True)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    # TMPDIR: each worker ended at exit leaves its multiprocessing folder (pymp-*) there, as a torch worker killed by
+    # that SIGTERM would.
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
     assert "Warning" not in result.stderr, result.stderr[-2000:]
 
