@@ -24,6 +24,8 @@ LIGHTNING_CHATTER = (
     "Loaded model weights from the checkpoint",
     "`weights_only` was not set",
 )
+# torch, as litdata reads a read-only chunk (lit_lora never writes into it); loader workers filter it too.
+READ_ONLY_CHUNK_WARNING = r"The given buffer is not writable.*"
 # Warnings raised inside libraries about their own internals, or about what lit_lora does on purpose.
 LIBRARY_WARNINGS = (
     r".*is_gradient_checkpointing.*",  # transformers deprecating a name another library still calls
@@ -33,7 +35,7 @@ LIBRARY_WARNINGS = (
     r"The dirpath has changed.*",
     r".*exists and is not empty.*",
     r"Your `IterableDataset` has `__len__` defined.*",  # Lightning on litdata's datasets, which shard per worker themselves
-    r"The given buffer is not writable.*",  # torch, as litdata reads a read-only chunk (lit_lora never writes into it)
+    READ_ONLY_CHUNK_WARNING,
 )
 
 

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_lora import demo, log, optimized
+from lit_lora.console import READ_ONLY_CHUNK_WARNING
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
 from lit_lora.optimized import OptimizedImages, StreamingDataLoader
@@ -72,7 +73,7 @@ def _init_worker(worker_id: int, lower_priority: bool = False) -> None:
     # litdata hands out its chunks' read-only memory as tensors, and torch warns once per worker that they could be
     # written to: lit_lora only reads them (crops and batches are copies). Filtered here, in the worker: the caller's
     # process keeps its own filters.
-    warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+    warnings.filterwarnings("ignore", message=READ_ONLY_CHUNK_WARNING, category=UserWarning)
     if hasattr(signal, "sigwaitinfo"):
         # Blocked in this thread, and so in every thread started from now on: the thread below takes them. A worker
         # started with spawn or forkserver already runs a thread of torch's, which takes them first (measured): there
