@@ -23,7 +23,7 @@ from lit_lora.console import READ_ONLY_CHUNK_WARNING
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
 from lit_lora.optimized import OptimizedImages, StreamingDataLoader
-from lit_lora.sampling import LoadsStateOnce, ResumableDataLoader, SeededShuffleSampler
+from lit_lora.sampling import ResumableDataLoader, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import ImageSettings, eval_transform, load_image_settings, train_transform
@@ -92,9 +92,9 @@ def _exit_on_sigterm_from(parent: int) -> None:
     os._exit(0)  # status 0: torch's check in the main process takes any other end for a crash
 
 
-class ResumableStreamingDataLoader(LoadsStateOnce, StreamingDataLoader):
-    """litdata's `StreamingDataLoader`, resumable through its own `state_dict`, which tolerates being handed the same
-    state twice (see `LoadsStateOnce`) and a run that read the same chunks from another local folder.
+class ResumableStreamingDataLoader(StreamingDataLoader):
+    """litdata's `StreamingDataLoader`, resumable through its own `state_dict` (Lightning saves and restores it), also
+    in a run that read the same chunks from another local folder.
 
     litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
     resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
@@ -238,8 +238,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.val_table: ImageTable | OptimizedImages | None = None
         self.test_table: ImageTable | OptimizedImages | None = None
         self.predict_table: FileTable | OptimizedImages | None = None
-        self._train_loader: DataLoader | None = None
-        self._train_loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     def _check(self) -> None:
         problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
@@ -499,11 +497,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             loader = ResumableStreamingDataLoader(table, **common)
         else:
             loader = self._file_loader(table, train, common)
-        if train:
-            if self._train_loader_state is not None:
-                loader.load_state_dict(self._train_loader_state)
-                self._train_loader_state = None
-            self._train_loader = loader
         return loader
 
     def _file_loader(self, table: ImageTable, train: bool, common: dict[str, Any]) -> DataLoader:
@@ -527,7 +520,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return self.trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented batches of uint8 images, resumable through the loader's ``state_dict``."""
+        """Shuffled, augmented batches of uint8 images, resumable through the loader's ``state_dict``, which Lightning
+        saves and restores. Lightning drops it when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
+        (its issue #20550): read that in ``on_train_start``, as `LoRAImageClassifier` does (`ScheduleOfAFit`)."""
         return self._loader(self.train_table, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -565,18 +560,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         for path, notes in batch.pop("image_warnings", []):
             self.image_warnings.setdefault(path, notes)
         return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training loader's own ``state_dict`` (where it is in the epoch).
-
-        Lightning saves it with the loops too, but drops that copy on resume when ``configure_optimizers`` reads
-        ``trainer.estimated_stepping_batches`` (Lightning issue #20550; schedules of any length do), so the data
-        module carries it as well and hands it to the next training loader it makes (`load_state_dict`)."""
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keep a checkpoint's training-loader state for the training loader of the resumed fit."""
-        self._train_loader_state = state.get("train_loader")
 
 
 class Food101DataModule(ImageClassificationDataModule):

@@ -24,7 +24,7 @@ from lit_lora.checkpoint_contents import (
     torch_rng_states,
 )
 from lit_lora.lora import apply_lora, trainable_summary
-from lit_lora.schedules import build_scheduler, scheduler_problems
+from lit_lora.schedules import ScheduleOfAFit, build_scheduler, scheduler_problems
 from lit_lora.transforms import ImageSettings, load_image_settings, normalize
 
 
@@ -302,7 +302,8 @@ class LoRAImageClassifier(pl.LightningModule):
         return {"probs": self(pixel_values).float().softmax(dim=-1), **extras}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters, with a per-step ``transformers`` schedule (linear decay by default)."""
+        """AdamW over the trainable parameters, with a per-step ``transformers`` schedule (linear decay by default),
+        whose length is read when training starts (`ScheduleOfAFit`)."""
         hp = self.hparams
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [
@@ -312,29 +313,8 @@ class LoRAImageClassifier(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon
         )
-        schedule = build_scheduler(
-            optimizer,
-            hp.lr_scheduler_type,
-            int(self.trainer.estimated_stepping_batches),
-            hp.warmup_steps,
-            hp.warmup_ratio,
-            hp.get("lr_scheduler_kwargs"),
-        )
-        self._hand_over_train_loader_state()  # reading estimated_stepping_batches built the training loader
+        schedule = build_scheduler(optimizer, hp.lr_scheduler_type, hp.warmup_steps, hp.warmup_ratio, hp.get("lr_scheduler_kwargs"))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-    def _hand_over_train_loader_state(self) -> None:
-        """Give a resumed fit's training loader the state it had at the checkpoint, when the loader already exists.
-
-        Lightning saves a stateful loader's ``state_dict`` (litdata's, torchdata's ``StatefulDataLoader``) and loads it
-        into the loader it builds after restoring the checkpoint; but reading ``trainer.estimated_stepping_batches`` in
-        ``configure_optimizers`` (for the schedule's length) builds the loader before that, and Lightning then drops
-        the state (its issue #20550): the resumed epoch would start again from its first batch. A loader built later
-        gets the state from Lightning, so the one kept from the checkpoint is dropped on ``on_train_start``."""
-        state, loader = getattr(self, "_train_loader_state", None), self.trainer.train_dataloader
-        if state is not None and callable(getattr(loader, "load_state_dict", None)):
-            loader.load_state_dict(state)
-            self._train_loader_state = None
 
     # ---- checkpoints: trainable weights only -------------------------------------------------------------
 
@@ -364,15 +344,11 @@ class LoRAImageClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the trainable weights only (the frozen base is rebuilt from ``model_name_or_path``), with what an
-        exact resume needs: the random states (LoRA dropout), a stateful training loader's state (see
-        `_hand_over_train_loader_state`) and, when the run stops inside an accumulation window, the gradients
-        accumulated so far."""
+        exact resume needs: the random states (LoRA dropout) and, when the run stops inside an accumulation window,
+        the gradients accumulated so far (Lightning saves the loops, and a stateful training loader's state)."""
         trainable = self.trainable_state_dict().keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
-        loader = self.trainer.train_dataloader if self.trainer.state.fn == "fit" else None
-        if callable(getattr(loader, "state_dict", None)):
-            checkpoint["train_loader"] = loader.state_dict()  # Lightning's own copy may be dropped on resume
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self)  # every process's own
 
@@ -390,8 +366,6 @@ class LoRAImageClassifier(pl.LightningModule):
                 set_torch_rng_states(checkpoint["rng_states"])
             saved = checkpoint.get("accumulated_gradients")
             self._gradients_to_restore = saved_gradients_for_this_process(saved) if saved else None
-            self._train_loader_state = checkpoint.get("train_loader")
-            self._hand_over_train_loader_state()  # a strategy that restores after configure_optimizers
 
     def _fit_is_resuming(self) -> bool:
         try:
@@ -405,4 +379,6 @@ class LoRAImageClassifier(pl.LightningModule):
         if saved:
             restore_gradients(self, saved)
         self._gradients_to_restore = None
-        self._train_loader_state = None  # not handed over: the loader was built after the restore, Lightning loaded it
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, ScheduleOfAFit):  # the training loader exists now, restored by Lightning
+                config.scheduler.start(int(self.trainer.estimated_stepping_batches))

@@ -55,24 +55,6 @@ class SeededShuffleSampler(DistributedSampler):
         return iter(items[self.rank : self.total_size : self.num_replicas][skip:])
 
 
-class LoadsStateOnce:
-    """Mixin for stateful loaders: a second `load_state_dict` of the state already loaded is ignored.
-
-    The data module and `LoRAImageClassifier` each hand the training loader its saved state, because Lightning drops
-    the loader states it saved when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (Lightning
-    issue #20550); so the same state can arrive more than once, and litdata's loader would advance its worker cycle
-    each time.
-    """
-
-    _loaded_state: Any = None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state == self._loaded_state:
-            return
-        self._loaded_state = state
-        super().load_state_dict(state)  # type: ignore[misc]
-
-
 class ResumableDataLoader(DataLoader):
     """A `DataLoader` over a `SeededShuffleSampler` that is resumable the way torchdata's ``StatefulDataLoader`` and
     litdata's ``StreamingDataLoader`` are: its `state_dict` says which epoch it is in and how many batches of it were

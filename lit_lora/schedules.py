@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,20 +45,19 @@ def scheduler_problems(name: str, options: dict[str, Any] | None, prefix: str = 
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     name: str,
-    total_steps: int,
     warmup_steps: int = 0,
     warmup_ratio: float = 0.0,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A Lightning ``lr_scheduler`` config for ``transformers.get_scheduler(name)``: stepped every optimizer step,
-    or, for ``reduce_lr_on_plateau``, every epoch on ``val/loss``.
+    """A Lightning ``lr_scheduler`` config for ``transformers.get_scheduler(name)``: stepped every optimizer step (a
+    `ScheduleOfAFit`, whose length is set when training starts), or, for ``reduce_lr_on_plateau``, every epoch on
+    ``val/loss``.
 
     Args:
         optimizer: the optimizer to schedule.
         name: a ``transformers.SchedulerType`` name.
-        total_steps: optimizer steps of the whole run (``trainer.estimated_stepping_batches``).
         warmup_steps: steps of linear warmup; takes precedence over ``warmup_ratio``.
-        warmup_ratio: warmup as a share of ``total_steps``.
+        warmup_ratio: warmup as a share of the fit's optimizer steps.
         options: the schedule's own options (``scheduler_specific_kwargs``), e.g. ``{min_lr_rate: 0.1}``.
 
     Raises:
@@ -68,10 +68,55 @@ def build_scheduler(
     problems = scheduler_problems(name, options)
     if problems:
         raise ValueError("; ".join(problems) + ".")
-    warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)
-    scheduler = get_scheduler(
-        name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, scheduler_specific_kwargs=dict(options or {})
-    )
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if name == "reduce_lr_on_plateau":
+        scheduler = get_scheduler(name, optimizer, scheduler_specific_kwargs=dict(options or {}))
         return {"scheduler": scheduler, "interval": "epoch", "monitor": PLATEAU_MONITOR}
-    return {"scheduler": scheduler, "interval": "step"}
+    return {"scheduler": ScheduleOfAFit(optimizer, name, warmup_steps, warmup_ratio, options), "interval": "step"}
+
+
+class ScheduleOfAFit(torch.optim.lr_scheduler.LambdaLR):
+    """``transformers.get_scheduler(name)``'s schedule over a fit whose length, its optimizer steps, is set by `start`.
+
+    The length is ``trainer.estimated_stepping_batches``. Read in ``configure_optimizers``, it makes Lightning build
+    the training loader before it restores a checkpoint, and Lightning then drops the loader's saved position (its
+    issue #20550): a resumed epoch would start again from its first batch. Read in ``on_train_start``, the loader
+    exists, restored by Lightning. Until `start` the factor is 1 (no optimizer step comes before it; a step raises).
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, name: str, warmup_steps: int = 0, warmup_ratio: float = 0.0, options: dict[str, Any] | None = None
+    ) -> None:
+        self.total_steps: int | None = None
+        # A function (LambdaLR saves no function in its state_dict) that holds the settings: a resumed fit follows its own.
+        factor = _transformers_factor(lambda: self.total_steps, optimizer.defaults["lr"], name, warmup_steps, warmup_ratio, options)
+        super().__init__(optimizer, factor)
+
+    def start(self, total_steps: int) -> None:
+        """Set the length, and the learning rate of the step the schedule is at (0, or a resumed fit's)."""
+        self.total_steps = int(total_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.lr_lambdas[0](self.last_epoch)
+
+
+def _transformers_factor(
+    total_steps: Callable[[], int | None], lr: float, name: str, warmup_steps: int, warmup_ratio: float, options: dict[str, Any] | None
+) -> Callable[[int], float]:
+    """The learning-rate factor at a step: transformers' function for these settings and ``total_steps()``."""
+    built: dict[int, Callable[[int], float]] = {}
+
+    def factor(step: int) -> float:
+        total = total_steps()
+        if total is None:
+            if step > 0:
+                raise RuntimeError("the learning-rate schedule was stepped before its start(): an on_train_start that overrides LoRAImageClassifier's must call super().on_train_start().")
+            return 1.0
+        if total not in built:
+            from transformers import get_scheduler
+
+            warmup = warmup_steps or math.ceil(warmup_ratio * total)
+            # get_scheduler sets its optimizer's rates: not the real one's. Same lr: the polynomial schedule's depends on it.
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+            built[total] = get_scheduler(name, probe, warmup, total, scheduler_specific_kwargs=dict(options or {})).lr_lambdas[0]
+        return built[total](step)
+
+    return factor

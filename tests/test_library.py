@@ -117,6 +117,51 @@ def test_learning_rate_schedules(name: str, tmp_path: Path, monkeypatch: pytest.
         assert (rates[-1] == pytest.approx(peak)) == (name == "constant_with_warmup")
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [("linear", {}), ("cosine", {}), ("polynomial", {}), ("warmup_stable_decay", {"num_decay_steps": 5}), ("cosine_with_min_lr", {"min_lr_rate": 0.1})],
+)
+def test_a_schedule_started_with_its_length_gives_transformers_rates_also_after_a_resume(name: str, options: dict, tmp_path: Path) -> None:
+    """The model sets the schedule's length in on_train_start (so that Lightning keeps the loader state it restores):
+    every step's rate is transformers' own, warmup_ratio (a share of that length) included, and a schedule rebuilt from
+    its saved state (as a resumed fit's, loaded with weights_only) goes on with the same rates."""
+    import math
+
+    from transformers import get_scheduler
+
+    from lit_lora.schedules import ScheduleOfAFit
+
+    total = 12
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+
+    reference_optimizer = optimizer()
+    reference = get_scheduler(name, reference_optimizer, math.ceil(0.25 * total), total, scheduler_specific_kwargs=options)
+    ours_optimizer = optimizer()
+    ours = ScheduleOfAFit(ours_optimizer, name, warmup_ratio=0.25, options=options)
+    ours.start(total)
+    expected, rates = [], []
+    for step in range(total):
+        expected.append(reference_optimizer.param_groups[0]["lr"])
+        rates.append(ours_optimizer.param_groups[0]["lr"])
+        for opt, schedule in ((reference_optimizer, reference), (ours_optimizer, ours)):
+            opt.step()
+            schedule.step()
+        if step == 4:
+            torch.save({"schedule": ours.state_dict(), "optimizer": ours_optimizer.state_dict()}, tmp_path / "state.pt")
+            saved = torch.load(tmp_path / "state.pt", weights_only=True)
+            ours_optimizer = optimizer()
+            ours = ScheduleOfAFit(ours_optimizer, name, warmup_ratio=0.25, options=options)
+            ours_optimizer.load_state_dict(saved["optimizer"])
+            ours.load_state_dict(saved["schedule"])
+            ours.start(total)
+    assert rates == expected and expected[0] == 0.0 and max(expected) == pytest.approx(0.01)
+    unstarted = ScheduleOfAFit(optimizer(), name, warmup_ratio=0.25, options=options)
+    with pytest.raises(RuntimeError, match="stepped before its start"):
+        unstarted.step()
+
+
 def test_unknown_or_unsteppable_schedules_are_refused_before_anything_is_built(tmp_path: Path) -> None:
     from lit_lora.schedules import scheduler_names
 

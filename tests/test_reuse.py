@@ -82,7 +82,8 @@ class SaveAtBatch(pl.Callback):
 
 def test_a_resumed_fit_hands_somebody_elses_stateful_loader_its_state(class_folders_dir: str, tiny_vit: str, tmp_path: Path) -> None:
     """Lightning drops the saved loader state when ``configure_optimizers`` reads ``estimated_stepping_batches`` (its
-    issue #20550), as the model's schedule does: the model hands it over, so the resumed epoch goes on where it stopped."""
+    issue #20550): the model's schedule reads it when training starts, so Lightning hands the loader its state, once,
+    and the resumed epoch goes on where it stopped."""
     from torchvision import datasets, transforms
 
     images = datasets.ImageFolder(class_folders_dir, transform=transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()]))
