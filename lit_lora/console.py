@@ -17,7 +17,6 @@ LIGHTNING_CHATTER = (
     "LOCAL_RANK",
     "💡 Tip",
     "Seed set to",
-    "Loading `train_dataloader` to estimate",
     "`Trainer.fit` stopped",
     "Restored all states from the checkpoint",
     "Restoring states from the checkpoint",
