@@ -87,7 +87,8 @@ class ScheduleOfAFit(torch.optim.lr_scheduler.LambdaLR):
         self, optimizer: torch.optim.Optimizer, name: str, warmup_steps: int = 0, warmup_ratio: float = 0.0, options: dict[str, Any] | None = None
     ) -> None:
         self.total_steps: int | None = None
-        # A function (LambdaLR saves no function in its state_dict) that holds the settings: a resumed fit follows its own.
+        # A plain function holds the settings: LambdaLR leaves functions out of its state_dict, so a checkpoint carries
+        # none, and a resumed fit's schedule is built from its own configuration, as the optimizer is.
         factor = _transformers_factor(lambda: self.total_steps, optimizer.defaults["lr"], name, warmup_steps, warmup_ratio, options)
         super().__init__(optimizer, factor)
 
