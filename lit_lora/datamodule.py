@@ -99,10 +99,21 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
     resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
     worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
-    saved on other data (another dataset, or image files) is refused in one line.
+    saved on other data (another dataset, or image files) is refused in one line. ``saved_state``: see
+    `ImageClassificationDataModule.state_dict`.
     """
 
+    saved_state: dict[str, Any] | None = None
+    _state_loaded = False
+
+    def __iter__(self) -> Any:
+        if self.saved_state is not None and not self._state_loaded:
+            self.load_state_dict(self.saved_state)
+        self.saved_state = None
+        return super().__iter__()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state_loaded = True
         saved, dataset = state.get("dataset") or {}, self.dataset
         chunks = (saved.get("input_dir_url"), saved.get("subsampled_files"), [list(r) for r in saved.get("region_of_interest", [])])
         if chunks != (dataset.input_dir.url, list(dataset.subsampled_files), [list(r) for r in dataset.region_of_interest]):
@@ -238,6 +249,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.val_table: ImageTable | OptimizedImages | None = None
         self.test_table: ImageTable | OptimizedImages | None = None
         self.predict_table: FileTable | OptimizedImages | None = None
+        self._train_loader: ResumableDataLoader | ResumableStreamingDataLoader | None = None
+        self._saved_train_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     def _check(self) -> None:
         problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
@@ -497,6 +510,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             loader = ResumableStreamingDataLoader(table, **common)
         else:
             loader = self._file_loader(table, train, common)
+        if train:
+            loader.saved_state, self._saved_train_state = self._saved_train_state, None
+            self._train_loader = loader
         return loader
 
     def _file_loader(self, table: ImageTable, train: bool, common: dict[str, Any]) -> DataLoader:
@@ -521,8 +537,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented batches of uint8 images, resumable through the loader's ``state_dict``, which Lightning
-        saves and restores. Lightning drops it when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
-        (its issue #20550): read that in ``on_train_start``, as `LoRAImageClassifier` does (`ScheduleOfAFit`)."""
+        saves and restores (and this data module too: see `state_dict`)."""
         return self._loader(self.train_table, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -560,6 +575,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         for path, notes in batch.pop("image_warnings", []):
             self.image_warnings.setdefault(path, notes)
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, which Lightning also saves, but drops on resume when ``configure_optimizers``
+        reads ``trainer.estimated_stepping_batches`` (its issue #20550; Lightning's documented pattern for schedules).
+        The loader takes this copy when it starts iterating without Lightning having given it its own."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep a checkpoint's training-loader position for the resumed fit's training loader (`state_dict`)."""
+        self._saved_train_state = state.get("train_loader")
 
 
 class Food101DataModule(ImageClassificationDataModule):

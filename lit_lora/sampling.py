@@ -73,6 +73,7 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.epoch, self.batches = 0, 0
         self.resume_at: tuple[int, int] | None = None
+        self.saved_state: dict[str, Any] | None = None  # loaded at the first pass if Lightning loaded none (see the data module's state_dict)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches": self.batches}
@@ -86,7 +87,9 @@ class ResumableDataLoader(DataLoader):
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self) -> Iterator[Any]:
-        sampler = self.sampler
+        if self.saved_state is not None and self.resume_at is None:
+            self.load_state_dict(self.saved_state)
+        sampler, self.saved_state = self.sampler, None
         resume, self.resume_at = self.resume_at, None
         skip = resume[1] if resume is not None and resume[0] == sampler.epoch else 0
         sampler.skip = skip * self.batch_size

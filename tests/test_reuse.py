@@ -98,6 +98,47 @@ def test_a_resumed_fit_hands_somebody_elses_stateful_loader_its_state(class_fold
     assert resumed.global_step == len(loader)  # the rest of the epoch, each batch once
 
 
+class OneCycleModule(pl.LightningModule):
+    """Somebody else's module in Lightning's documented pattern: ``configure_optimizers`` reads
+    ``trainer.estimated_stepping_batches`` for its schedule (which makes Lightning drop the loader state it restores,
+    its issue #20550). It records the images of each training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 4)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["index"].tolist())
+        return torch.nn.functional.cross_entropy(self.layer(batch["pixel_values"].float().mean((2, 3))), batch["labels"])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=total), "interval": "step"}}
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["files", "optimized"])
+def test_the_data_module_resumes_mid_epoch_under_a_module_that_reads_the_schedule_length_early(
+    optimized: bool, food101_dir: str, tiny_vit: str, tmp_path: Path
+) -> None:
+    """The data module keeps its training loader's position too: a resumed epoch goes on with the batches an
+    uninterrupted one would have trained on, whoever's module it is (here one that makes Lightning drop its copy)."""
+
+    def data() -> Food101DataModule:
+        extra = {"optimized_dir": str(tmp_path / "optimized")} if optimized else {}
+        return Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, image_processor=tiny_vit, batch_size=4, **extra)
+
+    straight = OneCycleModule()
+    trainer(max_epochs=1, limit_val_batches=0).fit(straight, datamodule=data())
+    stopped = OneCycleModule()
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[SaveAtBatch(tmp_path / "mid.ckpt", 2)]).fit(stopped, datamodule=data())
+    resumed = OneCycleModule()
+    trainer(max_epochs=1, limit_val_batches=0).fit(resumed, datamodule=data(), ckpt_path=tmp_path / "mid.ckpt")
+    assert len(straight.seen) > 4 and stopped.seen == straight.seen
+    assert resumed.seen == straight.seen[3:]
+
+
 def test_a_batch_of_another_kind_is_a_one_line_type_error(tiny_vit: str) -> None:
     model = LoRAImageClassifier(tiny_vit, class_names=["a", "b"])
     for batch, said in ((["no", "tensors"], "a list of 2 (str, str)"), ({"image": torch.zeros(2, 3, 32, 32)}, "a dict with keys ['image']")):
