@@ -143,6 +143,25 @@ def test_sigterm_mid_window_while_streaming_from_s3_resumes_exactly(food101_on_s
     assert_same_training_state(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=6)
 
 
+@pytest.mark.slow  # 35 s; the single-process preemption above, and DDP's on image files (test_ddp.py), run by default
+def test_a_ddp_fit_streaming_a_local_dataset_preempted_on_one_process_resumes_exactly(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Two processes streaming an optimized dataset, SIGTERM to rank 1 mid-epoch and mid-window: resumed, the weights
+    equal those of the run straight through (each process's litdata loader position comes back)."""
+    from test_ddp import assert_same_weights, preempted_fit
+
+    args = [*preempted_fit(tiny_vit, food101_dir), f"--data.optimized_dir={tmp_path / 'optimized'}"]
+    for name in ("straight", "stopped"):
+        (tmp_path / name).mkdir()
+    run_cli(["fit", *args], tmp_path / "straight")
+    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.epoch=1", "--trainer.callbacks.init_args.rank=1"]
+    stopped = run_cli(["fit", *args, *stop], tmp_path / "stopped", check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # 4 batches (2 steps) per process and epoch; then 2 in
+    run_cli(["fit", *args, f"--ckpt_path={last}"], tmp_path / "stopped")
+    assert_same_weights(last.parent, tmp_path / "straight" / "checkpoints" / "run" / "version_0")
+
+
 def test_fit_builds_a_local_optimized_dir_once_and_refuses_it_when_the_images_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str) -> None:
     import shutil
 
