@@ -194,7 +194,12 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
         problems.append(f"ckpt_path {ckpt_path!r} does not exist")
     if float(model.get("learning_rate", 1.0)) < 0 and subcommand == "fit":
         problems.append(f"model.learning_rate must not be negative, got {model.get('learning_rate')}")
-    problems += scheduler_problems(model.get("lr_scheduler_type", "linear"), model.get("lr_scheduler_kwargs"), prefix="model.")
+    trainer = config.trainer
+    endless = subcommand == "fit" and trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
+    problems += scheduler_problems(
+        model.get("lr_scheduler_type", "linear"), model.get("lr_scheduler_kwargs"), "model.", endless,
+        0.0 if model.get("warmup_steps") else float(model.get("warmup_ratio") or 0),
+    )
     problems += lora_problems(model)
     problems += device_problems(config.trainer)
     problems += output_folder_problems(output_folders(subcommand, config))

@@ -381,4 +381,4 @@ class LoRAImageClassifier(pl.LightningModule):
         self._gradients_to_restore = None
         for config in self.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, ScheduleOfAFit):  # the training loader exists now, restored by Lightning
-                config.scheduler.start(int(self.trainer.estimated_stepping_batches))
+                config.scheduler.start(self.trainer.estimated_stepping_batches)

@@ -19,6 +19,9 @@ REQUIRED_OPTIONS: dict[str, tuple[tuple[str, ...], ...]] = {
 UNSUPPORTED = {"greedy": "it needs a metric at every step and Lightning steps only ReduceLROnPlateau with one"}
 # What `reduce_lr_on_plateau` watches, once per epoch, after validation.
 PLATEAU_MONITOR = "val/loss"
+# Schedules that follow no fit length (transformers asks them for no num_training_steps): the ones an endless fit
+# (trainer.max_epochs=-1 with no max_steps) can use, with warmup_steps rather than warmup_ratio.
+WITHOUT_LENGTH = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
 
 
 def scheduler_names() -> list[str]:
@@ -28,18 +31,28 @@ def scheduler_names() -> list[str]:
     return [t.value for t in SchedulerType if t.value not in UNSUPPORTED]
 
 
-def scheduler_problems(name: str, options: dict[str, Any] | None, prefix: str = "") -> list[str]:
-    """What is wrong with a schedule name and its options (empty when it will build), each naming its setting."""
+def scheduler_problems(name: str, options: dict[str, Any] | None, prefix: str = "", endless: bool = False, warmup_ratio: float = 0.0) -> list[str]:
+    """What is wrong with a schedule name and its options (empty when it will build), each naming its setting;
+    ``endless``: for a fit without a length (see `length_problem`)."""
     if name in UNSUPPORTED:
         return [f"{prefix}lr_scheduler_type {name!r} is not supported: {UNSUPPORTED[name]}. Use one of {scheduler_names()}"]
     if name not in scheduler_names():
         return [f"{prefix}lr_scheduler_type {name!r} is not a transformers schedule; use one of {scheduler_names()}"]
     given = set(options or {})
-    return [
+    problems = [
         f"{prefix}lr_scheduler_type {name!r} needs {' or '.join(group)} in {prefix}lr_scheduler_kwargs"
         for group in REQUIRED_OPTIONS.get(name, ())
         if not given & set(group)
     ]
+    return problems + ([length_problem(name, prefix)] if endless and (name not in WITHOUT_LENGTH or warmup_ratio) else [])
+
+
+def length_problem(name: str, prefix: str = "") -> str:
+    """Why schedule ``name`` (or a warmup_ratio) cannot run in a fit without a length."""
+    return (
+        f"{prefix}lr_scheduler_type {name!r} (or a {prefix}warmup_ratio) needs the fit's length in optimizer steps, and a fit with "
+        f"trainer.max_epochs=-1 and no trainer.max_steps has none: set either, or use one of {list(WITHOUT_LENGTH)} with {prefix}warmup_steps"
+    )
 
 
 def build_scheduler(
@@ -86,24 +99,29 @@ class ScheduleOfAFit(torch.optim.lr_scheduler.LambdaLR):
     def __init__(
         self, optimizer: torch.optim.Optimizer, name: str, warmup_steps: int = 0, warmup_ratio: float = 0.0, options: dict[str, Any] | None = None
     ) -> None:
-        self.total_steps: int | None = None
+        self.total_steps: float | None = None
         # A plain function holds the settings: LambdaLR leaves functions out of its state_dict, so a checkpoint carries
         # none, and a resumed fit's schedule is built from its own configuration, as the optimizer is.
         factor = _transformers_factor(lambda: self.total_steps, optimizer.defaults["lr"], name, warmup_steps, warmup_ratio, options)
         super().__init__(optimizer, factor)
 
-    def start(self, total_steps: int) -> None:
-        """Set the length, and the learning rate of the step the schedule is at (0, or a resumed fit's)."""
-        self.total_steps = int(total_steps)
+    def start(self, total_steps: float) -> None:
+        """Set the length (``inf`` for an endless fit), and the learning rate of the step the schedule is at (0, or a
+        resumed fit's).
+
+        Raises:
+            ValueError: the schedule needs a length and the fit has none (`length_problem`).
+        """
+        self.total_steps = total_steps
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * self.lr_lambdas[0](self.last_epoch)
 
 
 def _transformers_factor(
-    total_steps: Callable[[], int | None], lr: float, name: str, warmup_steps: int, warmup_ratio: float, options: dict[str, Any] | None
+    total_steps: Callable[[], float | None], lr: float, name: str, warmup_steps: int, warmup_ratio: float, options: dict[str, Any] | None
 ) -> Callable[[int], float]:
     """The learning-rate factor at a step: transformers' function for these settings and ``total_steps()``."""
-    built: dict[int, Callable[[int], float]] = {}
+    built: dict[float, Callable[[int], float]] = {}
 
     def factor(step: int) -> float:
         total = total_steps()
@@ -114,10 +132,14 @@ def _transformers_factor(
         if total not in built:
             from transformers import get_scheduler
 
-            warmup = warmup_steps or math.ceil(warmup_ratio * total)
+            endless = not math.isfinite(total) or total < 1  # max_epochs=-1 (inf), or a loader without a length (-1)
+            if endless and (name not in WITHOUT_LENGTH or (warmup_ratio and not warmup_steps)):
+                raise ValueError(length_problem(name) + ".")
+            warmup = warmup_steps or (0 if endless else math.ceil(warmup_ratio * total))
             # get_scheduler sets its optimizer's rates: not the real one's. Same lr: the polynomial schedule's depends on it.
             probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-            built[total] = get_scheduler(name, probe, warmup, total, scheduler_specific_kwargs=dict(options or {})).lr_lambdas[0]
+            steps = None if endless else int(total)
+            built[total] = get_scheduler(name, probe, warmup, steps, scheduler_specific_kwargs=dict(options or {})).lr_lambdas[0]
         return built[total](step)
 
     return factor

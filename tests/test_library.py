@@ -162,6 +162,26 @@ def test_a_schedule_started_with_its_length_gives_transformers_rates_also_after_
         unstarted.step()
 
 
+def test_an_endless_fit_takes_the_schedules_without_a_length_and_refuses_the_others_in_one_line() -> None:
+    """trainer.max_epochs=-1 without max_steps: Lightning estimates an infinite number of steps."""
+    from lit_lora.schedules import ScheduleOfAFit
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+    warming = ScheduleOfAFit(optimizer, "constant_with_warmup", warmup_steps=2)
+    warming.start(float("inf"))
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        warming.step()
+    assert rates == [0.0, 0.005, 0.01, 0.01]
+    for name, ratio in (("linear", 0.0), ("cosine", 0.0), ("constant_with_warmup", 0.1)):
+        schedule = ScheduleOfAFit(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.01), name, warmup_ratio=ratio)
+        with pytest.raises(ValueError, match=rf"lr_scheduler_type '{name}' \(or a warmup_ratio\) needs the fit's length") as caught:
+            schedule.start(float("inf"))
+        assert "\n" not in str(caught.value)
+
+
 def test_unknown_or_unsteppable_schedules_are_refused_before_anything_is_built(tmp_path: Path) -> None:
     from lit_lora.schedules import scheduler_names
 

@@ -369,11 +369,12 @@ def test_unreadable_checkpoint_and_unknown_key_are_named(tmp_path: Path, tiny_vi
 def test_configuration_problems_are_reported_together(tmp_path: Path, run_main) -> None:
     code, _, err = run_main(
         ["fit", "--config", "configs/demo.yaml", f"--model.model_name_or_path={tmp_path / 'no-model'}", f"--data.data_dir={tmp_path / 'no-data'}",
-         "--data.val_size=1.5", "--data.num_workers=-1", f"--ckpt_path={tmp_path / 'no.ckpt'}"], REPO,
+         "--data.val_size=1.5", "--data.num_workers=-1", f"--ckpt_path={tmp_path / 'no.ckpt'}", "--trainer.max_epochs=-1"], REPO,
     )
     assert code == 1
-    assert "5 problem(s) in the configuration" in err
-    for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "num_workers must be 0 or more", "no.ckpt' does not exist"):
+    assert "6 problem(s) in the configuration" in err
+    for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "num_workers must be 0 or more", "no.ckpt' does not exist",
+                     "lr_scheduler_type 'linear' (or a model.warmup_ratio) needs the fit's length"):
         assert fragment in err
 
 
