@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(1)
     paths = sorted(str(p) for p in Path(args.data_dir).rglob("*") if is_image_file(p))
     table = FileTable(paths, [0] * len(paths))
-    settings = ImageSettings(args.size, (0.5,) * 3, (0.5,) * 3)
+    settings = ImageSettings(crop=(args.size, args.size), resize=args.size)
     seeds = list(range(len(paths)))
     print(f"{len(paths)} images from {args.data_dir}, output {args.size}px, 1 thread")
     for name, make in (("train", train_transform), ("eval", eval_transform)):

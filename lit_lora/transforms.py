@@ -259,11 +259,19 @@ def _crop_resize(image: Picture, box: tuple[float, float, float, float], setting
         if need_w < full_w and need_h < full_h:
             image.draft("RGB", (need_w, need_h))
     sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    scaled = (left * sx, top * sy, right * sx, bottom * sy)
+    if image.mode == "RGB" and all(float(v).is_integer() for v in scaled):
+        # The box on whole pixels of the decode (any box at full scale): crop the decoded pixels, resize with torch's
+        # antialiased kernel, as for decoded pixels above: 0.11-0.16 ms against PIL's box resize 0.59 ms for 150-500 px
+        # boxes to 224 px on one thread (a quarter of a loader worker's time per image from 512 px JPEGs).
+        left, top, right, bottom = (int(v) for v in scaled)
+        crop = torch.from_numpy(np.array(np.asarray(image)[top:bottom, left:right])).permute(2, 0, 1)
+        return tvF.resize(crop, list(out_hw), interpolation=_interpolation(settings), antialias=True)
     image = to_rgb(image) if image.mode not in ("RGB", "L") else image
     resample = Image.BICUBIC if settings.interpolation == "bicubic" else Image.BILINEAR
     # One resize of the box (no cropped copy); unlike crop-then-resize, the filter also weighs in the pixels just
     # outside the box at its edges (0.06-0.09 grey levels on average on real photos: benchmarks/decode.py).
-    resized = image.resize((out_w, out_h), resample, box=(left * sx, top * sy, right * sx, bottom * sy))
+    resized = image.resize((out_w, out_h), resample, box=scaled)
     return _to_tensor(resized.convert("RGB") if resized.mode != "RGB" else resized)
 
 
