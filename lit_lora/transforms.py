@@ -15,8 +15,8 @@ pixels lit_lora validated on (`eval_pixels`, tested against it).
 Workers hand over uint8 tensors; scaling and normalising happen in the model (`normalize`), on the device.
 
 ``fast_decode`` computes the crops from the JPEG header first (`FastTrainCrop`, `FastEvalCrop`), so libjpeg can
-decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) whenever the crop keeps full output resolution; crop and resize
-are then one PIL box resize. Training crops have the guide's distribution (on by default: augmentation is random
+decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) whenever the crop keeps full output resolution; a box on whole
+decoded pixels is then cropped and resized by torch's antialiased kernel, any other by one PIL box resize. Training crops have the guide's distribution (on by default: augmentation is random
 anyway); evaluation pixels would differ from the exact path by about a grey level (`benchmarks/decode.py` measures
 it), so evaluation and predict use it only when asked (``fast_eval_decode``).
 """
