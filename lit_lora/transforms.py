@@ -16,9 +16,10 @@ Workers hand over uint8 tensors; scaling and normalising happen in the model (`n
 
 ``fast_decode`` computes the crops from the JPEG header first (`FastTrainCrop`, `FastEvalCrop`), so libjpeg can
 decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) whenever the crop keeps full output resolution; a box on whole
-decoded pixels is then cropped and resized by torch's antialiased kernel, any other by one PIL box resize. Training crops have the guide's distribution (on by default: augmentation is random
-anyway); evaluation pixels would differ from the exact path by about a grey level (`benchmarks/decode.py` measures
-it), so evaluation and predict use it only when asked (``fast_eval_decode``).
+decoded pixels is then cropped and resized by torch's antialiased kernel, any other by one PIL box resize. Training
+crops have the guide's distribution (on by default: augmentation is random anyway); evaluation pixels would differ
+from the exact path by about a grey level (`benchmarks/decode.py` measures it), so evaluation and predict use it only
+when asked (``fast_eval_decode``).
 """
 
 from __future__ import annotations
@@ -262,8 +263,8 @@ def _crop_resize(image: Picture, box: tuple[float, float, float, float], setting
     scaled = (left * sx, top * sy, right * sx, bottom * sy)
     if image.mode == "RGB" and all(float(v).is_integer() for v in scaled):
         # The box on whole pixels of the decode (any box at full scale): crop the decoded pixels, resize with torch's
-        # antialiased kernel, as for decoded pixels above: 0.11-0.16 ms against PIL's box resize 0.59 ms for 150-500 px
-        # boxes to 224 px on one thread (a quarter of a loader worker's time per image from 512 px JPEGs).
+        # antialiased kernel, as for decoded pixels above (0.11-0.16 ms against PIL's box resize 0.59 ms for 150-500 px
+        # boxes to 224 px on one thread: a fifth to a quarter of a loader worker's time per image from 512 px JPEGs).
         left, top, right, bottom = (int(v) for v in scaled)
         crop = torch.from_numpy(np.array(np.asarray(image)[top:bottom, left:right])).permute(2, 0, 1)
         return tvF.resize(crop, list(out_hw), interpolation=_interpolation(settings), antialias=True)
