@@ -28,3 +28,19 @@ def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
     assert step["bare_step_images_per_sec"] > 0 and step["bare_inference_images_per_sec"] > 0 and step["loader_epoch2_images_per_sec"] > 0
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU benchmark on dry run on the CPU") and "of the bare step" in summary and "faster than the guide" in summary
+
+
+def test_the_decode_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/decode.py (fast_decode's cost and pixel difference): it stopped running once when ImageSettings
+    changed, unnoticed until the next measurement."""
+    from test_pipeline import photo
+
+    for i, size in enumerate(((96, 64), (64, 80), (120, 90))):
+        photo(tmp_path / f"{i}.jpg", size, seed=i)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/decode.py", f"--data_dir={tmp_path}", "--size=32", "--repeat=1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("3 images") and [line.split(":")[0].strip() for line in lines[1:]] == ["train", "eval"]
