@@ -198,10 +198,10 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     endless = subcommand == "fit" and trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
     problems += scheduler_problems(
         model.get("lr_scheduler_type", "linear"), model.get("lr_scheduler_kwargs"), "model.", endless,
-        0.0 if model.get("warmup_steps") else float(model.get("warmup_ratio") or 0),
+        int(model.get("warmup_steps") or 0), float(model.get("warmup_ratio") or 0),
     )
     problems += lora_problems(model)
-    problems += device_problems(config.trainer)
+    problems += device_problems(trainer)
     problems += output_folder_problems(output_folders(subcommand, config))
     problems += hub_problems(name, data.get("dataset") if not data_dir and not streamed and subcommand != "predict" else None)
     return problems

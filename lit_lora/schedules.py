@@ -31,9 +31,11 @@ def scheduler_names() -> list[str]:
     return [t.value for t in SchedulerType if t.value not in UNSUPPORTED]
 
 
-def scheduler_problems(name: str, options: dict[str, Any] | None, prefix: str = "", endless: bool = False, warmup_ratio: float = 0.0) -> list[str]:
+def scheduler_problems(
+    name: str, options: dict[str, Any] | None, prefix: str = "", endless: bool = False, warmup_steps: int = 0, warmup_ratio: float = 0.0
+) -> list[str]:
     """What is wrong with a schedule name and its options (empty when it will build), each naming its setting;
-    ``endless``: for a fit without a length (see `length_problem`)."""
+    ``endless``: for a fit without a length, with these warmup settings (see `needs_length`)."""
     if name in UNSUPPORTED:
         return [f"{prefix}lr_scheduler_type {name!r} is not supported: {UNSUPPORTED[name]}. Use one of {scheduler_names()}"]
     if name not in scheduler_names():
@@ -44,7 +46,12 @@ def scheduler_problems(name: str, options: dict[str, Any] | None, prefix: str = 
         for group in REQUIRED_OPTIONS.get(name, ())
         if not given & set(group)
     ]
-    return problems + ([length_problem(name, prefix)] if endless and (name not in WITHOUT_LENGTH or warmup_ratio) else [])
+    return problems + ([length_problem(name, prefix)] if endless and needs_length(name, warmup_steps, warmup_ratio) else [])
+
+
+def needs_length(name: str, warmup_steps: int, warmup_ratio: float) -> bool:
+    """Whether schedule ``name`` with this warmup follows the fit's length (a warmup_ratio is a share of it)."""
+    return name not in WITHOUT_LENGTH or bool(warmup_ratio and not warmup_steps)
 
 
 def length_problem(name: str, prefix: str = "") -> str:
@@ -133,7 +140,7 @@ def _transformers_factor(
             from transformers import get_scheduler
 
             endless = not math.isfinite(total) or total < 1  # max_epochs=-1 (inf), or a loader without a length (-1)
-            if endless and (name not in WITHOUT_LENGTH or (warmup_ratio and not warmup_steps)):
+            if endless and needs_length(name, warmup_steps, warmup_ratio):
                 raise ValueError(length_problem(name) + ".")
             warmup = warmup_steps or (0 if endless else math.ceil(warmup_ratio * total))
             # get_scheduler sets its optimizer's rates: not the real one's. Same lr: the polynomial schedule's depends on it.
