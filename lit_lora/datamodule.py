@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import signal
-import threading
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_lora import demo, log, optimized
-from lit_lora.console import READ_ONLY_CHUNK_WARNING
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
 from lit_lora.optimized import OptimizedImages, StreamingDataLoader
@@ -27,6 +22,7 @@ from lit_lora.sampling import ResumableDataLoader, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import ImageSettings, eval_transform, load_image_settings, train_transform
+from lit_lora.workers import WorkerStart
 
 
 def default_num_workers() -> int:
@@ -51,45 +47,6 @@ def settings_problems(
     if num_workers is not None and num_workers < 0:
         problems.append(f"{prefix}num_workers must be 0 or more, got {num_workers}")
     return problems
-
-
-def _init_worker(worker_id: int, lower_priority: bool = False) -> None:
-    """Leave stopping to the main process and, with ``lower_priority``, run at a lower CPU priority (nice 10).
-
-    A scheduler's SIGTERM (SLURM signals every process of a job step) and a terminal's Ctrl-C reach the loader workers
-    too. torch's workers die of them, and the main process then fails with "DataLoader worker ... is killed by
-    signal" (exit 1), perhaps before it saved ``last.ckpt``. Workers ignore Ctrl-C, and a SIGTERM that another process
-    sent: the main process stops after the batch and shuts them down (a worker also exits when its main process is
-    gone, and SIGKILL still ends it). A SIGTERM from the main process itself is obeyed (in forked workers, Linux's
-    default before Python 3.14): Python's exit sends one to each worker still running (a script or notebook that keeps
-    a loader with persistent workers), then waits for it. Where the sender cannot be told (no ``signal.sigwaitinfo``:
-    macOS, Windows), SIGTERM keeps its default action.
-
-    When the model computes on the same cores, its threads wait for each other after every operation, so a worker
-    that preempts one of them stalls all of them; at lower priority the workers fill the cores' idle moments
-    instead (measured on 2 cores with pre-resized images: about 9% more training images/s).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # litdata hands out its chunks' read-only memory as tensors, and torch warns once per worker that they could be
-    # written to: lit_lora only reads them (crops and batches are copies). Filtered here, in the worker: the caller's
-    # process keeps its own filters.
-    warnings.filterwarnings("ignore", message=READ_ONLY_CHUNK_WARNING, category=UserWarning)
-    if hasattr(signal, "sigwaitinfo"):
-        # Blocked in this thread, and so in every thread started from now on: the thread below takes them. A worker
-        # started with spawn or forkserver already runs a thread of torch's, which takes them first (measured): there
-        # every SIGTERM is ignored, as before, and a script holding such a loader still waits at exit.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="lit_lora: SIGTERM", daemon=True).start()
-    if lower_priority:
-        os.nice(10)
-
-
-def _exit_on_sigterm_from(parent: int) -> None:
-    """Wait for SIGTERMs (blocked in this worker); end the worker at the first one its parent, the main process, sent."""
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-        pass
-    os._exit(0)  # status 0: torch's check in the main process takes any other end for a crash
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
@@ -500,7 +457,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         common = dict(
             collate_fn=collate_skipping_bad_images, batch_size=self.batch_size if train else self.eval_batch_size, num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.persistent_workers and workers > 0,
-            worker_init_fn=functools.partial(_init_worker, lower_priority=self._computing_on_cpu()),
+            worker_init_fn=WorkerStart(lower_priority=self._computing_on_cpu()),
             # A private generator for worker seeds: loading never draws from the global random state, which LoRA
             # dropout uses and checkpoints restore.
             generator=torch.Generator().manual_seed(self.seed),

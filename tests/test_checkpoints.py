@@ -162,16 +162,30 @@ def straight_accumulating_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit
     return folder
 
 
-@pytest.mark.parametrize("batches_done", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a whole window (slow run only)
+class StartWorkersWith(pl.Callback):
+    """Makes the run's loader workers start with ``method`` (set when the CLI builds its callbacks, before any loader)."""
+
+    def __init__(self, method: str = "spawn") -> None:
+        import multiprocessing
+
+        multiprocessing.set_start_method(method, force=True)
+
+
+@pytest.mark.parametrize(
+    ("batches_done", "start_method"),
+    [(2, "fork"), (2, "spawn"), pytest.param(4, "fork", marks=pytest.mark.slow)],  # 4: a whole window (slow run only)
+)
 def test_sigterm_inside_an_accumulation_window_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, batches_done: int, straight_accumulating_run: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, batches_done: int, start_method: str, straight_accumulating_run: Path
 ) -> None:
     """The recipe accumulates 4 batches per optimizer step: stopping after 2 batches of a window (or after a whole
-    one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through."""
+    one) and resuming ends in the same weights, AdamW moments, learning rate and step as a run straight through.
+    Also with workers started by spawn (macOS's default), which cannot tell who sent a SIGTERM."""
     args = accumulating_fit(tiny_vit, food101_dir)
     (tmp_path / "stopped").mkdir()
     # SIGTERM to every process of the run, a loader worker included, as SLURM sends it; no worker dies of it.
     stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", f"--trainer.callbacks.init_args.batch={batches_done - 1}", "--trainer.callbacks.init_args.group=true"]
+    stop += [] if start_method == "fork" else ["--trainer.callbacks+=test_checkpoints.StartWorkersWith", f"--trainer.callbacks.init_args.method={start_method}"]
     stopped = run_cli(["fit", *args, *stop, "--data.num_workers=1"], tmp_path / "stopped", check=False)
     assert stopped.returncode == 143 and "Error" not in stopped.stderr, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"

@@ -30,12 +30,16 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-def test_a_script_that_keeps_loaders_with_workers_exits(tiny_vit: str, food101_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_a_script_that_keeps_loaders_with_workers_exits(tiny_vit: str, food101_dir: str, tmp_path: Path, start_method: str) -> None:
     """Loader workers ignore a SIGTERM from another process (a scheduler's, sent to every process of a job), yet end
     when Python's exit terminates them: a script or notebook that still holds loaders with persistent workers exits
-    (it waited for them forever when they ignored every SIGTERM). Reading an optimized dataset says nothing."""
+    (it waited for them forever when they ignored every SIGTERM, and again with forkserver and spawn, whose workers
+    could not tell who sent it). Reading image files or an optimized dataset says nothing, except for the semaphore
+    that importing litdata creates in a spawned worker, which Python reports when that worker ends at exit."""
     script = f"""
 import multiprocessing, subprocess, time
+multiprocessing.set_start_method({start_method!r})
 from lit_lora import Food101DataModule
 options = dict(data_dir={food101_dir!r}, train_split="train", val_size=0.25, batch_size=4, num_workers=1, image_processor={tiny_vit!r})
 files, optimized = Food101DataModule(**options), Food101DataModule(**options, optimized_dir={str(tmp_path / "optimized")!r})
@@ -56,7 +60,9 @@ print("ok", flush=True)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
-    assert "Warning" not in result.stderr, result.stderr[-2000:]
+    said = [line for line in result.stderr.splitlines() if "Warning" in line]
+    litdata_semaphore = "resource_tracker: There appear to be 1 leaked semaphore objects"  # the optimized loader's one worker
+    assert said == [] or (start_method != "fork" and len(said) == 1 and litdata_semaphore in said[0]), result.stderr[-2000:]
 
 
 class WatchSigint(pl.Callback):
