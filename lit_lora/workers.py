@@ -15,11 +15,12 @@ import os
 import signal
 import threading
 import warnings
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from lit_lora.console import READ_ONLY_CHUNK_WARNING
 
-_EXITING: dict[str, Any] = {}  # start method -> an Event that this process sets when its interpreter exits
+_exiting: Any = None  # an Event that this process sets when its interpreter exits (`_exiting_event`)
 
 
 class WorkerStart:
@@ -45,13 +46,9 @@ class WorkerStart:
     instead (measured on 2 cores with pre-resized images: about 9% more training images/s).
     """
 
-    def __init__(self, lower_priority: bool = False) -> None:
+    def __init__(self, lower_priority: bool = False, main_exiting: Any = None) -> None:
         self.lower_priority = lower_priority
-        self.main_exiting: Any = None  # set only in the copy a spawned worker receives
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Called only when a worker is spawned (a forked one shares this object): the event goes with it.
-        return {"lower_priority": self.lower_priority, "main_exiting": _exiting_event()}
+        self.main_exiting = main_exiting  # given to the copy a spawned worker receives (`_reduce_for_a_spawned_worker`)
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -71,14 +68,23 @@ class WorkerStart:
 
 
 def _exiting_event() -> Any:
-    """The event this process sets when its interpreter exits, for workers of the current start method (created at
-    the first spawned worker: a start method is fixed by then). Set by an `atexit` function registered after
-    multiprocessing's (imported by then), so it runs first: before the workers are terminated."""
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]  # the default
-    if method not in _EXITING:
-        _EXITING[method] = multiprocessing.get_context(method).Event()
-        atexit.register(_EXITING[method].set)
-    return _EXITING[method]
+    """The event this process sets when its interpreter exits (made at the first spawned worker, of spawn's kind,
+    which forkserver's workers take too). Set by an `atexit` function registered after multiprocessing's (imported by
+    then), so it runs first: before multiprocessing terminates the workers."""
+    global _exiting
+    if _exiting is None:
+        _exiting = multiprocessing.get_context("spawn").Event()
+        atexit.register(_exiting.set)
+    return _exiting
+
+
+def _reduce_for_a_spawned_worker(start: WorkerStart) -> tuple[Any, tuple[bool, Any]]:
+    """How multiprocessing pickles a `WorkerStart` for a worker it spawns (a forked one shares the object): with the
+    event. Other pickling (``copy``, ``pickle``) leaves it out, as an event can only go to a process being started."""
+    return WorkerStart, (start.lower_priority, _exiting_event())
+
+
+ForkingPickler.register(WorkerStart, _reduce_for_a_spawned_worker)
 
 
 def _exit_if_set(main_exiting: Any, signum: int, frame: Any) -> None:

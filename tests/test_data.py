@@ -277,6 +277,8 @@ def test_the_loaders_datasets_pickle_for_spawned_workers(food101_dir: str, tiny_
     for loader, key in ((module.train_dataloader(), (0, 7)), (module.val_dataloader(), 0)):
         copy = pickle.loads(pickle.dumps(loader.dataset))
         assert torch.equal(copy[key]["pixel_values"], loader.dataset[key]["pixel_values"])
+        # Its worker_init_fn takes an event to spawned workers only: copied or pickled otherwise, it goes without.
+        assert pickle.loads(pickle.dumps(loader.worker_init_fn)).main_exiting is None
 
 
 def test_food101_data_module_is_the_general_one_with_the_guides_defaults(class_folders_dir: str) -> None:
