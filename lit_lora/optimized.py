@@ -298,7 +298,8 @@ def _optimize_in_child(sender: Any, output_dir: str, work_dir: str, options: dic
     litdata stages chunks in ``$TMPDIR/chunks`` and ``$TMPDIR/data`` by default and empties both when it starts: a
     user's own ``/tmp/data`` would be deleted, and two builds on one machine would delete each other's chunks. Its
     two folders (``DATA_OPTIMIZER_CACHE_FOLDER``, ``DATA_OPTIMIZER_DATA_CACHE_FOLDER``) are set here, in the child,
-    inside ``work_dir``, which is this split's alone; the caller's environment is left as it is."""
+    inside ``work_dir``, which is this split's alone (and inside the caller's ``DATA_OPTIMIZER_CACHE_FOLDER``, when
+    set); the caller's environment is left as it is."""
     os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = os.path.join(work_dir, "chunks")
     os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = os.path.join(work_dir, "data")
     if hasattr(os, "setpgrp"):
@@ -355,8 +356,11 @@ def write_splits(
         log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
         start = time.perf_counter()
         # A folder per split, for the workers' notes and litdata's staging: between two splits none exists that a kill
-        # could leave behind.
-        with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-") as work:
+        # could leave behind. In the temporary folder, or in the one the user chose for litdata's staging.
+        staging = os.environ.get("DATA_OPTIMIZER_CACHE_FOLDER") or None
+        if staging:
+            os.makedirs(staging, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-", dir=staging) as work:
             fn = WriteImage(table, work, train_side=train_side) if split == "train" else WriteImage(table, work, settings=settings)
             _optimize_split(
                 split, join(location, split), work, fn=fn, inputs=list(range(len(table))), chunk_bytes=CHUNK_BYTES,

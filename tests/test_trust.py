@@ -206,17 +206,27 @@ def test_fit_writes_nothing_through_a_tiny_tmpdir(tmp_path: Path, tiny_vit: str,
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter-last" / "adapter_model.safetensors").is_file()
 
 
-def test_optimize_leaves_the_users_temporary_files_alone(tmp_path: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("staging", ["TMPDIR", "DATA_OPTIMIZER_CACHE_FOLDER"])
+def test_optimize_leaves_the_users_temporary_files_alone(tmp_path: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch, staging: str) -> None:
     """litdata's optimize stages its chunks in $TMPDIR/chunks and $TMPDIR/data, shared by every process of the machine,
     and empties both when it starts: a user's /tmp/data went with the first build. Now they are untouched, and the
-    build leaves nothing behind."""
+    build leaves nothing behind. A staging folder the user chose for litdata (a disk with room) is the one used."""
+    from lit_lora import optimized
+
     tmp = tmp_path / "tmp"
     for name in ("chunks", "data"):
         (tmp / name).mkdir(parents=True)
         (tmp / name / "mine.txt").write_text("a user's file")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the temporary folder of this process and of optimize's children
+    if staging == "TMPDIR":
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the temporary folder of this process and of optimize's children
+    else:
+        monkeypatch.setenv(staging, str(tmp))
+    used = []
+    write_split = optimized._optimize_split
+    monkeypatch.setattr(optimized, "_optimize_split", lambda split, output_dir, work_dir, **options: used.append(Path(work_dir).parent) or write_split(split, output_dir, work_dir, **options))
     settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=2)
     assert Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))["state"] == "complete"
+    assert used == [tmp] * 3  # the train, validation and test splits' staging
     assert sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")) == ["chunks", "chunks/mine.txt", "data", "data/mine.txt"]
 
 
