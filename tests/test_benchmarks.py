@@ -44,3 +44,13 @@ def test_the_decode_benchmark_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("3 images") and [line.split(":")[0].strip() for line in lines[1:]] == ["train", "eval"]
+
+
+def test_the_worker_start_benchmark_runs(class_folders_dir: str) -> None:
+    """benchmarks/worker_start.py (the first batch of a loader whose workers are spawned) runs as its docstring says."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/worker_start.py", f"--data_dir={class_folders_dir}", "--start_method=spawn", "--num_workers=1", "--rounds=1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("round 1: first batch after ") and result.stdout.rstrip().endswith("(1 workers, spawn)")
