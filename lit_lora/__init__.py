@@ -1,8 +1,8 @@
 """LoRA fine-tuning of image classifiers with PyTorch Lightning, PEFT and Transformers.
 
 The public classes are imported on first use (PEP 562): a loader worker started with spawn or forkserver, which
-imports the modules of the data it reads, does not import Lightning, Transformers and litdata with them (4 s of a
-worker's start, and litdata's semaphore).
+imports the modules of the data it reads, does not import Lightning, Transformers and litdata with them (about 2 s
+of each worker's start on 2 cores, `benchmarks/worker_start.py`, and litdata's semaphore).
 """
 
 from __future__ import annotations
