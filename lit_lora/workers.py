@@ -20,7 +20,7 @@ from typing import Any
 
 from lit_lora.console import READ_ONLY_CHUNK_WARNING
 
-_exiting: Any = None  # an Event that this process sets when its interpreter exits (`_exiting_event`)
+_main_exit_reader: Any = None  # ready to read once this process's interpreter exits (`_main_exit`)
 
 
 class WorkerStart:
@@ -31,15 +31,15 @@ class WorkerStart:
     too. torch's workers die of them, and the main process then fails with "DataLoader worker ... is killed by
     signal" (exit 1), perhaps before it saved ``last.ckpt``. Workers ignore Ctrl-C, and a scheduler's SIGTERM: the
     main process stops after the batch and shuts them down (a worker also exits when its main process is gone, and
-    SIGKILL still ends it). They obey the SIGTERM of the main process's exit: Python's exit sends one to each worker
-    still running (a script or notebook that keeps a loader with persistent workers), then waits for it.
+    SIGKILL still ends it). Yet they end when the main process's interpreter exits: Python's exit sends a SIGTERM to
+    each worker still running (a script or notebook that keeps a loader with persistent workers), then waits for it.
 
-    Which SIGTERM is which: a forked worker (Linux's default before Python 3.14) runs one thread, in which it blocks
-    the signal before starting a thread that waits for it and reads who sent it. A worker started with spawn or
-    forkserver (macOS's default, Linux's from 3.14) already runs threads (numpy's BLAS pool), any of which could take
-    the signal first; its handler instead asks an event that the main process sets when its interpreter exits,
-    before multiprocessing terminates the workers. Forked workers without ``signal.sigwaitinfo`` (macOS, Windows)
-    keep SIGTERM's default action, as in torch.
+    How: a forked worker (Linux's default before Python 3.14) runs one thread, in which it blocks SIGTERM before
+    starting a thread that waits for it and reads who sent it: the main process's is obeyed. A worker started with
+    spawn or forkserver (macOS's default, Linux's from 3.14) already runs threads (numpy's BLAS pool), any of which
+    could take the signal first: its handler obeys a SIGTERM only once a pipe reads as ready, which the main process
+    closes as its interpreter exits, before multiprocessing terminates the workers. Forked workers without
+    ``signal.sigwaitinfo`` (macOS, Windows) keep SIGTERM's default action, as in torch.
 
     When the model computes on the same cores, its threads wait for each other after every operation, so a worker
     that preempts one of them stalls all of them; at lower priority the workers fill the cores' idle moments
@@ -48,7 +48,7 @@ class WorkerStart:
 
     def __init__(self, lower_priority: bool = False, main_exiting: Any = None) -> None:
         self.lower_priority = lower_priority
-        self.main_exiting = main_exiting  # given to the copy a spawned worker receives (`_reduce_for_a_spawned_worker`)
+        self.main_exiting = main_exiting  # a pipe, in the copy a spawned worker receives (`_reduce_for_a_spawned_worker`)
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -57,7 +57,7 @@ class WorkerStart:
         # caller's process keeps its own filters.
         warnings.filterwarnings("ignore", message=READ_ONLY_CHUNK_WARNING, category=UserWarning)
         if self.main_exiting is not None:
-            signal.signal(signal.SIGTERM, functools.partial(_exit_if_set, self.main_exiting))
+            signal.signal(signal.SIGTERM, functools.partial(_exit_if_main_exiting, self.main_exiting))
         elif hasattr(signal, "sigwaitinfo"):
             # Blocked in this thread, and so in every thread started from now on: the thread below takes them all.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -67,29 +67,36 @@ class WorkerStart:
             os.nice(10)
 
 
-def _exiting_event() -> Any:
-    """The event this process sets when its interpreter exits (made at the first spawned worker, of spawn's kind,
-    which forkserver's workers take too). Set by an `atexit` function registered after multiprocessing's (imported by
-    then), so it runs first: before multiprocessing terminates the workers."""
-    global _exiting
-    if _exiting is None:
-        _exiting = multiprocessing.get_context("spawn").Event()
-        atexit.register(_exiting.set)
-    return _exiting
+def _main_exit() -> Any:
+    """The reading end of a pipe whose only writing end this process closes when its interpreter exits: from then on
+    it reads as ready. Made at the first spawned worker (a forkserver's takes it too); closed by an `atexit` function
+    registered after multiprocessing's (imported by then), so it runs first: before multiprocessing terminates the
+    workers."""
+    global _main_exit_reader
+    if _main_exit_reader is None:
+        _main_exit_reader, writer = multiprocessing.Pipe(duplex=False)
+        atexit.register(writer.close)
+    return _main_exit_reader
 
 
 def _reduce_for_a_spawned_worker(start: WorkerStart) -> tuple[Any, tuple[bool, Any]]:
     """How multiprocessing pickles a `WorkerStart` for a worker it spawns (a forked one shares the object): with the
-    event. Other pickling (``copy``, ``pickle``) leaves it out, as an event can only go to a process being started."""
-    return WorkerStart, (start.lower_priority, _exiting_event())
+    pipe. Other pickling (``copy``, ``pickle``) leaves it out, as a pipe can only go to a process being started."""
+    return WorkerStart, (start.lower_priority, _main_exit())
 
 
 ForkingPickler.register(WorkerStart, _reduce_for_a_spawned_worker)
 
 
-def _exit_if_set(main_exiting: Any, signum: int, frame: Any) -> None:
-    """A spawned worker's SIGTERM handler: end the worker if the main process is exiting, else ignore the signal."""
-    if main_exiting.is_set():
+def _exit_if_main_exiting(main_exiting: Any, signum: int, frame: Any) -> None:
+    """A spawned worker's SIGTERM handler: end the worker if the main process is exiting, else ignore the signal.
+
+    The pipe is polled, without a lock: a handler that waited for one could wait forever (a second SIGTERM, handled
+    while the first one held it). Not a multiprocessing ``Event`` waited on by a thread either: with that, a CLI fit
+    under spawn hung at exit (seemingly because a worker that ended while waiting stays counted as a sleeper, and
+    the main process's ``set`` waits for every sleeper to wake).
+    """
+    if main_exiting.poll():
         os._exit(0)  # status 0: torch's check in the main process takes any other end for a crash
 
 
