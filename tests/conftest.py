@@ -13,7 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Caches in one folder of the test run, removed at its end: the demo's assets (built once) and litdata's chunks (set
 # before litdata is imported, as it reads this once). Not in ~/.cache, ~/.lightning or /tmp. (optimize stages its
 # chunks in a temporary folder of its own, removed after each split.)
-os.environ["LIT_LORA_CACHE"] = tempfile.mkdtemp(prefix="lit_lora-tests-")
+# A process that a test starts (a CLI run importing a test module's callback) inherits the run's folder, and only the
+# run's own process removes it.
+os.environ.setdefault("LIT_LORA_TESTS_PID", str(os.getpid()))
+os.environ["LIT_LORA_TESTS_CACHE"] = os.environ.get("LIT_LORA_TESTS_CACHE") or tempfile.mkdtemp(prefix="lit_lora-tests-")
+os.environ["LIT_LORA_CACHE"] = os.environ["LIT_LORA_TESTS_CACHE"]
 os.environ["LITDATA_CACHE_DIR"] = os.path.join(os.environ["LIT_LORA_CACHE"], "litdata")
 
 from pathlib import Path
@@ -26,17 +30,19 @@ from lit_lora.demo import build_tiny_vit, shape_image
 
 CLASSES = ("tomato", "matcha", "blueberry", "banana")
 CACHES = os.environ["LIT_LORA_CACHE"]
+MADE_HERE = os.environ["LIT_LORA_TESTS_PID"] == str(os.getpid())
 
 
 def bare_env(**variables: str) -> dict[str, str]:
     """An almost empty environment for a fresh interpreter (what a new user's shell may lack), keeping the test
     run's cache folders above, plus ``variables``."""
-    caches = ("LIT_LORA_CACHE", "LITDATA_CACHE_DIR")
+    caches = ("LIT_LORA_CACHE", "LITDATA_CACHE_DIR", "LIT_LORA_TESTS_CACHE", "LIT_LORA_TESTS_PID")
     return {**{name: os.environ[name] for name in caches}, **variables}
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(CACHES, ignore_errors=True)
+    if MADE_HERE:
+        shutil.rmtree(CACHES, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
