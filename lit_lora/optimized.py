@@ -349,6 +349,10 @@ def write_splits(
     write_manifest(location, {**manifest, "state": "incomplete"}, storage_options)
     unreadable: dict[str, str] = {}
     sizes, folders = {}, stored_as(tables)
+    # Each split is staged in the temporary folder, or in the one the user chose for litdata's staging.
+    staging = os.environ.get("DATA_OPTIMIZER_CACHE_FOLDER") or None
+    if staging:
+        os.makedirs(staging, exist_ok=True)
     for split, table in tables.items():
         if split in folders:
             sizes[split] = sizes[folders[split]]
@@ -356,10 +360,7 @@ def write_splits(
         log.info(f"[lit_lora] optimizing {split}: {len(table)} images into {join(location, split)}")
         start = time.perf_counter()
         # A folder per split, for the workers' notes and litdata's staging: between two splits none exists that a kill
-        # could leave behind. In the temporary folder, or in the one the user chose for litdata's staging.
-        staging = os.environ.get("DATA_OPTIMIZER_CACHE_FOLDER") or None
-        if staging:
-            os.makedirs(staging, exist_ok=True)
+        # could leave behind.
         with tempfile.TemporaryDirectory(prefix="lit_lora-optimize-", dir=staging) as work:
             fn = WriteImage(table, work, train_side=train_side) if split == "train" else WriteImage(table, work, settings=settings)
             _optimize_split(
