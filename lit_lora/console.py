@@ -34,6 +34,7 @@ LIBRARY_WARNINGS = (
     r"The dirpath has changed.*",
     r".*exists and is not empty.*",
     r"Your `IterableDataset` has `__len__` defined.*",  # Lightning on litdata's datasets, which shard per worker themselves
+    r"Couldn't infer the batch indices fetched from your dataloader.*",  # litdata's loader: PredictionWriter reads each batch's index
     READ_ONLY_CHUNK_WARNING,
 )
 

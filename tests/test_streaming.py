@@ -101,8 +101,9 @@ def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str
     # validate and predict at once (they overlap well, mostly in imports)
     out = tmp_path / "predictions.csv"
     validating = start_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
-    run_cli(["predict", *args, *DDP, f"--ckpt_path={run / 'adapter-last'}", f"--predictions.output_path={out}"], tmp_path)
+    predicted = run_cli(["predict", *args, *DDP, f"--ckpt_path={run / 'adapter-last'}", f"--predictions.output_path={out}"], tmp_path)
     finish_cli(validating)
+    assert "Couldn't infer the batch indices" not in predicted.stdout + predicted.stderr  # the writer reads each batch's index
     support = sum(int(r["support"]) for r in csv.DictReader((run / "validate" / "validate_report" / "per_class.csv").open()) if r["class"] in ("tomato", "matcha", "blueberry", "banana"))
     assert support == 12  # every validation image counted once
 
