@@ -258,7 +258,7 @@ def _optimize_split(split: str, output_dir: str, work_dir: str, **options: Any) 
     child = context.Process(target=_optimize_in_child, args=(sender, output_dir, work_dir, options), name=f"lit_lora optimize {split}")
     child.start()
     sender.close()
-    stopped = KeyboardInterrupt(f"interrupted while writing {split} into {output_dir}; the dataset there is marked incomplete")
+    stopped = KeyboardInterrupt(f"interrupted while writing {split} into {output_dir}; the dataset there is marked incomplete: run the same command to rebuild it")
     silent = object()
     try:
         outcome = receiver.recv()

@@ -217,7 +217,7 @@ def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, 
         else:
             assert process.wait(15) == 130, log.read_text()  # at once (under a second): a stuck handler would take 15 s or more
             last = log.read_text().split("optimizing train")[1].strip().splitlines()[1:]
-            assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete"]
+            assert last == [f"lit_lora: interrupted while writing train into {output}/train; the dataset there is marked incomplete: run the same command to rebuild it"]
         assert json.loads((output / "lit_lora_dataset.json").read_text())["state"] == "incomplete"
         deadline = time.monotonic() + 10
         while processes_running(command) and time.monotonic() < deadline:
