@@ -424,8 +424,16 @@ class ShortErrorParser(LightningArgumentParser):
             return text
         if "model.model_name_or_path" not in defaults or "data.batch_size" not in defaults:
             return text
+        if "output_dir" in defaults:  # optimize: its own options, then the model and data options it reads (no checkpoint, no predictions)
+            return options_summary(defaults, {"model": LoRAImageClassifier, "data": Food101DataModule}, "optimize", OPTIMIZE_OPTIONS) + text
         classes = {"model": LoRAImageClassifier, "data": Food101DataModule, "checkpoint": AdapterCheckpoint, "predictions": PredictionWriter}
         return options_summary(defaults, classes) + text
+
+
+OPTIMIZE_OPTIONS = {
+    "output_dir": "folder or URL (s3://bucket/prefix) to write the optimized dataset to (required)",
+    "overwrite": "replace an optimized dataset of other images or settings there",
+}
 
 
 class OptimizeCLI(LitLoRACLI):
@@ -434,8 +442,8 @@ class OptimizeCLI(LitLoRACLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--output_dir", required=True, help="folder or URL (s3://bucket/prefix) to write the optimized dataset to")
-        parser.add_argument("--overwrite", type=bool, default=False, help="replace an optimized dataset of other images or settings there")
+        parser.add_argument("--output_dir", required=True, help=OPTIMIZE_OPTIONS["output_dir"])
+        parser.add_argument("--overwrite", type=bool, default=False, help=OPTIMIZE_OPTIONS["overwrite"])
 
     def instantiate_classes(self) -> None:
         data = self.config.data

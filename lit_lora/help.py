@@ -43,9 +43,13 @@ def _documented(cls: type) -> dict[str, tuple[str, str]]:
     return found
 
 
-def options_summary(defaults: Any, classes: dict[str, type]) -> str:
-    """One line per option of ``classes`` (group -> class), with the parser's current defaults."""
+def options_summary(defaults: Any, classes: dict[str, type], command: str | None = None, own: dict[str, str] | None = None) -> str:
+    """One line per option of ``classes`` (group -> class), with the parser's current defaults, after ``command``'s
+    ``own`` options (name -> help)."""
     lines = ["lit_lora's options (one line each; every option in full, the Trainer's too, further below):"]
+    if own:
+        lines.append(f"  {command}:")
+        lines += [f"    --{name}{'' if defaults.get(name) is None else f' = {defaults[name]}'}  {text}." for name, text in own.items()]
     for group, cls in classes.items():
         docs = _documented(cls)
         lines.append(f"  {group}:")

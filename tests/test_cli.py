@@ -218,3 +218,8 @@ def test_top_level_help_and_errors_name_every_subcommand(run_main) -> None:
     assert code == 0 and "Lightning Trainer command line tool" not in export and "PEFT adapter folder" in export
     code, optimize, _ = run_main(["optimize", "--help"])
     assert code == 0 and "--output_dir" in optimize and "--data.data_dir" in optimize and "litdata" in optimize
+    # optimize's summary leads with its own options, and lists none that it ignores (checkpoint, predictions)
+    summary = optimize[: optimize.index("usage:")].splitlines()
+    assert [line.split()[0] for line in summary[1:4]] == ["optimize:", "--output_dir", "--overwrite"]
+    assert any(line.strip().startswith("--data.optimized_train_side") for line in summary)
+    assert not any(line.strip().startswith(("--checkpoint.", "--predictions.")) for line in summary)
