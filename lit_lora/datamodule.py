@@ -157,8 +157,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 datasets (``python -m lit_lora optimize``): images decoded once, pre-resized uint8, streamed to every
                 process and worker (`lit_lora.optimized`). ``fit`` builds a local folder that is missing or empty
                 from the source first (once per node, in `prepare_data`; fits started together on it wait for the
-                first one's build). With a source configured, a dataset built from other images or settings is
-                refused; without one, its own class names are used.
+                first one's build). With ``data_dir`` set, a dataset built from other images or settings is
+                refused. A complete one gives the class names; a hub ``dataset`` is then not opened.
             storage_options: passed to litdata's storage client for ``optimized_dir`` URLs (e.g. ``endpoint_url``);
                 the standard ``AWS_*`` variables work without it.
             optimized_train_side: shorter side of the optimized training images; random crops are taken from these.
@@ -238,7 +238,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             return list(self._class_names)
         if self.optimized_dir:
             manifest = self._manifest or optimized.read_manifest(self.optimized_dir, self.storage_options)
-            if self.source is None or (manifest or {}).get("state") == "complete":
+            if (manifest or {}).get("state") == "complete" or self.source is None:  # not the hub's copy on a node without it
                 return list(self.optimized_manifest(manifest)["class_names"])
         return list(self.source.class_names) if self.source is not None else None
 
