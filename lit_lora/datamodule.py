@@ -252,7 +252,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         names = list(source.class_names)
         fingerprint = optimized.fingerprint(tables, names, self.image_settings, self.optimized_train_side)
         pixels = optimized.stored_pixels(self.image_settings, self.optimized_train_side)
-        return tables, {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint, "pixels": pixels}
+        description = {"format": optimized.FORMAT, "class_names": names, "source": source.location, "fingerprint": fingerprint, "pixels": pixels}
+        return tables, {**description, "split": self._split_settings()}
+
+    def _split_settings(self) -> dict[str, Any]:
+        """The settings that select and split the images (``seed`` only where it draws the validation share)."""
+        own = {"train_split": self.train_split, "val_split": self.val_split, "test_split": self.test_split}
+        return own if self.val_split is not None else {**own, "val_size": self.val_size, "seed": self.seed}
 
     def optimize(self, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
         """Write the splits ``fit`` and ``test`` use (the same seeded, stratified split) as litdata datasets under
@@ -319,6 +325,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 f"{where} was built from other images or settings than data.data_dir {self.data_dir} (files added, changed or "
                 "removed, or another split, seed or processor); rebuild it with `python -m lit_lora optimize ... --overwrite true`, "
                 "or drop --data.data_dir to use it as it is."
+            )
+        stored, ours = manifest.get("split"), self._split_settings()
+        differ = [key for key in ours if stored and stored.get(key) != ours[key]] if not self.data_dir else []
+        if differ:  # without the source, nothing can be refused: say that the stored splits are the ones used
+            rank_zero_warn(
+                f"{where} was split with " + ", ".join(f"{key}={stored.get(key)!r}" for key in differ) + " and this run sets "
+                + ", ".join(f"{key}={ours[key]!r}" for key in differ) + ": its stored splits are used; to change them, optimize again."
             )
         if self._class_names is not None and self._class_names != manifest["class_names"]:
             raise ValueError(f"class_names {self._class_names[:5]}... (the checkpoint's or configured) differ from those of {where}: {manifest['class_names'][:5]}...")

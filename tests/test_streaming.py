@@ -6,6 +6,7 @@ import csv
 import os
 import socket
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,9 +231,16 @@ def test_a_dataset_built_for_another_image_processor_or_damaged_is_refused_in_on
     Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=0).optimize(folder)
     # The model it was built for. Food101DataModule's default hub dataset is not opened (offline here, it would fail):
     # a node needs only the optimized dataset, which gives the labels.
+    # Its split settings are not this module's defaults: without the source nothing can be checked, so it says which
+    # splits are used.
     built_for = Food101DataModule(optimized_dir=folder, image_processor=tiny_vit)
-    assert built_for.class_names == read_manifest(folder)["class_names"]
+    with pytest.warns(UserWarning, match=r"was split with train_split='train', val_size=0.25 and this run sets train_split='train\[:5000\]', "
+                      r"val_size=0.1: its stored splits are used; to change them, optimize again"):
+        assert built_for.class_names == read_manifest(folder)["class_names"]
     built_for.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: nothing to say
+        Food101DataModule(optimized_dir=folder, image_processor=tiny_vit, train_split="train", val_size=0.25).setup("fit")
     for other in ({}, {"image_processor": tiny_vit, "optimized_train_side": 64}):  # ViT's 224 px defaults; another training side
         with pytest.raises(ValueError, match=r"holds images cropped and resized for another image processor .*this model needs .*--overwrite true"):
             Food101DataModule(dataset=None, optimized_dir=folder, **other).setup("fit")
@@ -243,7 +251,7 @@ def test_a_dataset_built_for_another_image_processor_or_damaged_is_refused_in_on
     os.truncate(chunk, 1000)
     for damage in (rf"{chunk.name} has 1000 bytes, its index says \d+: a copy cut short", rf"{chunk.name} is missing"):
         with pytest.raises(ValueError, match=rf"cannot read the train split of data.optimized_dir .*\(OSError: .*{damage}.*--overwrite true"):
-            Food101DataModule(dataset=None, optimized_dir=folder, image_processor=tiny_vit).setup("fit")
+            Food101DataModule(optimized_dir=folder, image_processor=tiny_vit, train_split="train", val_size=0.25).setup("fit")
         chunk.unlink(missing_ok=True)
 
 
