@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -17,12 +17,14 @@ from torch.utils.data import DataLoader
 from lit_lora import demo, log, optimized
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
-from lit_lora.optimized import OptimizedImages, StreamingDataLoader
 from lit_lora.sampling import ResumableDataLoader, SeededShuffleSampler
 from lit_lora.sources import ImageSource, is_image_file, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import ImageSettings, eval_transform, load_image_settings, train_transform
 from lit_lora.workers import WorkerStart
+
+if TYPE_CHECKING:  # litdata is imported where optimized data is read (`lit_lora.streaming` says why)
+    from lit_lora.streaming import OptimizedImages, ResumableStreamingDataLoader
 
 
 def default_num_workers() -> int:
@@ -47,38 +49,6 @@ def settings_problems(
     if num_workers is not None and num_workers < 0:
         problems.append(f"{prefix}num_workers must be 0 or more, got {num_workers}")
     return problems
-
-
-class ResumableStreamingDataLoader(StreamingDataLoader):
-    """litdata's `StreamingDataLoader`, resumable through its own `state_dict` (Lightning saves and restores it), also
-    in a run that read the same chunks from another local folder.
-
-    litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
-    resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
-    worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
-    saved on other data (another dataset, or image files) is refused in one line. ``saved_state``: see
-    `ImageClassificationDataModule.state_dict`.
-    """
-
-    saved_state: dict[str, Any] | None = None
-    _state_loaded = False
-
-    def __iter__(self) -> Any:
-        if self.saved_state is not None and not self._state_loaded:
-            self.load_state_dict(self.saved_state)
-        self.saved_state = None
-        return super().__iter__()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state_loaded = True
-        saved, dataset = state.get("dataset") or {}, self.dataset
-        chunks = (saved.get("input_dir_url"), saved.get("subsampled_files"), [list(r) for r in saved.get("region_of_interest", [])])
-        if chunks != (dataset.input_dir.url, list(dataset.subsampled_files), [list(r) for r in dataset.region_of_interest]):
-            raise ValueError(
-                f"the checkpoint was saved while training on other data than {dataset.input_dir.url or dataset.input_dir.path} (another "
-                "optimized dataset, or the image files): resume with the data it was trained on, or start a new fit without --ckpt_path."
-            )
-        super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -368,6 +338,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if split not in manifest["splits"]:
             raise ValueError(f"data.optimized_dir {self.optimized_dir} has no {split} split (it has {list(manifest['splits'])}).")
 
+        from lit_lora.streaming import OptimizedImages
+
         def stream(name: str, **kwargs: Any) -> OptimizedImages:
             location = optimized.join(self.optimized_dir, manifest.get("folders", {}).get(name, name))  # a test split also validated on is stored once, as val
             try:
@@ -475,7 +447,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             # dropout uses and checkpoints restore.
             generator=torch.Generator().manual_seed(self.seed),
         )
-        if isinstance(table, OptimizedImages):
+        if not isinstance(table, ImageTable):  # an optimized split
+            from lit_lora.streaming import ResumableStreamingDataLoader
+
             # litdata gives each process and worker its share (every evaluation image once across processes).
             loader = ResumableStreamingDataLoader(table, **common)
         else:
@@ -523,9 +497,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """The file of each prediction, in the order ``predict`` yields them (its batches also carry ``path``)."""
         if self.predict_table is None:
             self.setup("predict")
-        if isinstance(self.predict_table, OptimizedImages):
-            return [item["path"] for item in self.predict_table]
-        return list(self.predict_table.paths)
+        if isinstance(self.predict_table, FileTable):
+            return list(self.predict_table.paths)
+        return [item["path"] for item in self.predict_table]  # an optimized test split
 
     def predict_dataloader(self) -> DataLoader:
         """Deterministic batches of the images under ``predict_dir`` (sorted paths), or of the optimized test split."""

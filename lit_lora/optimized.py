@@ -1,5 +1,6 @@
 """Optimized datasets: the splits ``fit`` uses, decoded once and written by litdata's ``optimize`` to a folder or an
-object-store URL (``s3://``, ``gs://``, ``azure://``), then streamed to every process by ``StreamingDataset``.
+object-store URL (``s3://``, ``gs://``, ``azure://``), then streamed to every process by ``StreamingDataset``
+(`lit_lora.streaming`).
 
 A dataset is three litdata datasets, ``train/``, ``val/`` and ``test/`` (when the source has a test split, and is not
 the one validated on: that is stored once, as ``val/``), plus
@@ -31,7 +32,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,7 @@ from lit_lora import log
 from lit_lora.files import free_bytes, write_text
 from lit_lora.images import FileTable, HFTable, ImageTable, exif_orientation, raised_by_decoder, to_rgb
 from lit_lora.runs import LOCK_NAME, RunLock
-from lit_lora.sampling import seeded_cpu_rng
 from lit_lora.transforms import ImageSettings, eval_transform, shorter_side_shape
-
-with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
-    from litdata import StreamingDataLoader, StreamingDataset, optimize  # noqa: F401 (StreamingDataLoader: for datamodule.py)
 
 FORMAT = 1
 MANIFEST = "lit_lora_dataset.json"
@@ -317,7 +313,9 @@ def _optimize_in_child(sender: Any, output_dir: str, work_dir: str, options: dic
     try:
         # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
         # worker's start and end); its progress bar (standard error) is on only on a terminal (``verbose``).
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # in this child only: see `lit_lora.streaming`
+            from litdata import optimize
+
             optimize(output_dir=output_dir, start_method=_start_method(), **options)
     except BaseException as err:  # noqa: BLE001 (all of them go to the parent)
         outcome = err
@@ -437,61 +435,3 @@ def _first_error(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
     return (causes[0] if causes else lines[-1] if lines else text)[:300]
-
-
-class OptimizedImages(StreamingDataset):
-    """One split of an optimized dataset, as the model's items: ``{"pixel_values": uint8 CHW, "labels", "index",
-    "path"}`` (``path``: the source file or row the image was made from).
-
-    Training items (``transform`` given) are cropped and flipped under a seed that is a function of ``(seed, epoch,
-    index)`` alone: the same augmentation whichever process or worker reads the item, so a resumed run sees exactly
-    what an uninterrupted one would have. Evaluation items are served as stored (already the evaluation crop).
-
-    Args:
-        location: the split's folder or URL (``<optimized_dir>/train``).
-        transform: training augmentation on uint8 CHW tensors; None serves the stored pixels.
-        shuffle: shuffle chunks and items anew each epoch (litdata's seeded shuffle).
-        seed: seed of the shuffle and of the augmentation.
-        storage_options: passed to litdata's storage client (``endpoint_url``, credentials, ...).
-        max_cache_size: how much of a remote split litdata keeps in its local chunk cache (``LITDATA_CACHE_DIR``):
-            ``"200GB"``, or a fraction of the free disk; None: litdata's default (75 % of the free disk, leaving 50 GB
-            free where it can).
-    """
-
-    def __init__(
-        self, location: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, shuffle: bool = False, seed: int = 42,
-        storage_options: dict[str, Any] | None = None, max_cache_size: str | float | None = None,
-    ) -> None:
-        # Evaluation keeps every item (drop_last False: no rank pads its share with repeats); training lets litdata
-        # even out the ranks' shares (its default under DDP), so that every process runs the same number of steps.
-        super().__init__(
-            location, shuffle=shuffle, seed=seed, drop_last=None if transform is not None else False,
-            storage_options=dict(storage_options or {}), max_cache_size=max_cache_size, batch_decode=BATCH_DECODE,
-        )
-        self.augment = transform
-        if not is_url(location):
-            _check_chunks(Path(location))
-
-    def __getitem__(self, index: Any) -> dict[str, Any]:
-        item = super().__getitem__(index)
-        position = int(getattr(index, "index", index))
-        pixels = item["image"].permute(2, 0, 1)
-        if self.augment is not None:
-            with seeded_cpu_rng(hash((self.seed, self.current_epoch, position)) & (2**62 - 1)):
-                pixels = self.augment(pixels)
-        return {"pixel_values": pixels, "labels": item["label"], "index": position, "path": bytes(item["name"]).decode()}
-
-
-def _check_chunks(folder: Path) -> None:
-    """Fail at once when a chunk of a local split is missing or has another size than its index says (a copy cut
-    short): litdata would find out in a loader worker, after waiting for the chunk to grow, with a traceback.
-
-    Raises:
-        OSError: naming the first such chunk.
-    """
-    for chunk in json.loads((folder / "index.json").read_text())["chunks"]:
-        path = folder / chunk["filename"]
-        if not path.is_file():
-            raise OSError(f"{path} is missing")
-        if path.stat().st_size != chunk["chunk_bytes"]:
-            raise OSError(f"{path} has {path.stat().st_size} bytes, its index says {chunk['chunk_bytes']}: a copy cut short?")

@@ -14,9 +14,10 @@ from torchvision import transforms as T
 
 from lit_lora import Food101DataModule
 from lit_lora.images import to_rgb
-from lit_lora.optimized import OptimizedImages, read_manifest
+from lit_lora.optimized import read_manifest
 from lit_lora.sources import open_hf_dataset, open_local_folder
 from lit_lora.splits import slice_indices, stratified_split
+from lit_lora.streaming import OptimizedImages
 
 
 def test_food101_archive_layout_is_detected(food101_dir: str) -> None:

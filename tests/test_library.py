@@ -17,13 +17,18 @@ from lit_lora import AdapterCheckpoint, Food101DataModule, LoRAImageClassifier
 
 
 def test_import_changes_no_signal_handler_or_random_state() -> None:
+    """Nor the multiprocessing start method: litdata, which fixes it as it is imported, is imported only where optimized
+    data is read, so a script that imports lit_lora can still choose spawn."""
     script = """
-import signal, torch
+import multiprocessing, signal, sys, torch
 torch.manual_seed(5)
 before = (torch.get_rng_state(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-import lit_lora, lit_lora.cli
+import lit_lora, lit_lora.cli, lit_lora.optimized
+from lit_lora import AdapterCheckpoint, Food101DataModule, LoRAImageClassifier
 after = (torch.get_rng_state(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
 assert torch.equal(before[0], after[0]) and before[1:] == after[1:], "import changed global state"
+assert "litdata" not in sys.modules
+multiprocessing.set_start_method("spawn")  # "context has already been set" once litdata is imported
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})

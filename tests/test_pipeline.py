@@ -56,7 +56,7 @@ def test_non_jpeg_images_take_the_exact_path(tmp_path: Path) -> None:
 
 def test_optimized_images_train_on_the_guides_crops_and_evaluate_on_exactly_the_files_pixels(tmp_path: Path, tiny_vit: str) -> None:
     from lit_lora import Food101DataModule
-    from lit_lora.optimized import OptimizedImages
+    from lit_lora.streaming import OptimizedImages
     from lit_lora.transforms import load_image_settings
 
     for label in ("a", "b"):

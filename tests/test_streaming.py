@@ -18,6 +18,7 @@ from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
 from lit_lora.optimized import fingerprint, read_manifest
 from lit_lora.runs import RunLock
+from lit_lora.streaming import OptimizedImages
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
@@ -311,4 +312,4 @@ def test_a_process_that_must_not_fork_writes_through_a_spawned_one(tmp_path: Pat
     location = str(tmp_path / "spawned")
     manifest = optimized.write_splits(location, {"train": tables["train"]}, description, module.image_settings, 256, 2, {}, replace=False)
     assert manifest["state"] == "complete" and manifest["splits"] == {"train": 18}
-    assert sorted(item["path"] for item in optimized.OptimizedImages(f"{location}/train")) == sorted(tables["train"].paths)
+    assert sorted(item["path"] for item in OptimizedImages(f"{location}/train")) == sorted(tables["train"].paths)

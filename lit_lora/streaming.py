@@ -1,0 +1,114 @@
+"""Reading optimized datasets (`lit_lora.optimized`) with litdata: `OptimizedImages`, one split as the model's items,
+and `ResumableStreamingDataLoader`.
+
+Imported only where optimized data is read, and litdata with it: importing litdata fixes the process's
+multiprocessing start method (it creates a ``multiprocessing.Lock`` at import), after which a script's own
+``multiprocessing.set_start_method("spawn")`` fails with "context has already been set". Training on image files
+leaves that choice to the user (`tests/test_library.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_lora.optimized import BATCH_DECODE, is_url
+from lit_lora.sampling import seeded_cpu_rng
+
+with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
+    from litdata import StreamingDataLoader, StreamingDataset
+
+
+class OptimizedImages(StreamingDataset):
+    """One split of an optimized dataset, as the model's items: ``{"pixel_values": uint8 CHW, "labels", "index",
+    "path"}`` (``path``: the source file or row the image was made from).
+
+    Training items (``transform`` given) are cropped and flipped under a seed that is a function of ``(seed, epoch,
+    index)`` alone: the same augmentation whichever process or worker reads the item, so a resumed run sees exactly
+    what an uninterrupted one would have. Evaluation items are served as stored (already the evaluation crop).
+
+    Args:
+        location: the split's folder or URL (``<optimized_dir>/train``).
+        transform: training augmentation on uint8 CHW tensors; None serves the stored pixels.
+        shuffle: shuffle chunks and items anew each epoch (litdata's seeded shuffle).
+        seed: seed of the shuffle and of the augmentation.
+        storage_options: passed to litdata's storage client (``endpoint_url``, credentials, ...).
+        max_cache_size: how much of a remote split litdata keeps in its local chunk cache (``LITDATA_CACHE_DIR``):
+            ``"200GB"``, or a fraction of the free disk; None: litdata's default (75 % of the free disk, leaving 50 GB
+            free where it can).
+    """
+
+    def __init__(
+        self, location: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, shuffle: bool = False, seed: int = 42,
+        storage_options: dict[str, Any] | None = None, max_cache_size: str | float | None = None,
+    ) -> None:
+        # Evaluation keeps every item (drop_last False: no rank pads its share with repeats); training lets litdata
+        # even out the ranks' shares (its default under DDP), so that every process runs the same number of steps.
+        super().__init__(
+            location, shuffle=shuffle, seed=seed, drop_last=None if transform is not None else False,
+            storage_options=dict(storage_options or {}), max_cache_size=max_cache_size, batch_decode=BATCH_DECODE,
+        )
+        self.augment = transform
+        if not is_url(location):
+            _check_chunks(Path(location))
+
+    def __getitem__(self, index: Any) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        position = int(getattr(index, "index", index))
+        pixels = item["image"].permute(2, 0, 1)
+        if self.augment is not None:
+            with seeded_cpu_rng(hash((self.seed, self.current_epoch, position)) & (2**62 - 1)):
+                pixels = self.augment(pixels)
+        return {"pixel_values": pixels, "labels": item["label"], "index": position, "path": bytes(item["name"]).decode()}
+
+
+def _check_chunks(folder: Path) -> None:
+    """Fail at once when a chunk of a local split is missing or has another size than its index says (a copy cut
+    short): litdata would find out in a loader worker, after waiting for the chunk to grow, with a traceback.
+
+    Raises:
+        OSError: naming the first such chunk.
+    """
+    for chunk in json.loads((folder / "index.json").read_text())["chunks"]:
+        path = folder / chunk["filename"]
+        if not path.is_file():
+            raise OSError(f"{path} is missing")
+        if path.stat().st_size != chunk["chunk_bytes"]:
+            raise OSError(f"{path} has {path.stat().st_size} bytes, its index says {chunk['chunk_bytes']}: a copy cut short?")
+
+
+class ResumableStreamingDataLoader(StreamingDataLoader):
+    """litdata's `StreamingDataLoader`, resumable through its own `state_dict` (Lightning saves and restores it), also
+    in a run that read the same chunks from another local folder.
+
+    litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
+    resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
+    worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
+    saved on other data (another dataset, or image files) is refused in one line. ``saved_state``: see
+    `ImageClassificationDataModule.state_dict`.
+    """
+
+    saved_state: dict[str, Any] | None = None
+    _state_loaded = False
+
+    def __iter__(self) -> Any:
+        if self.saved_state is not None and not self._state_loaded:
+            self.load_state_dict(self.saved_state)
+        self.saved_state = None
+        return super().__iter__()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state_loaded = True
+        saved, dataset = state.get("dataset") or {}, self.dataset
+        chunks = (saved.get("input_dir_url"), saved.get("subsampled_files"), [list(r) for r in saved.get("region_of_interest", [])])
+        if chunks != (dataset.input_dir.url, list(dataset.subsampled_files), [list(r) for r in dataset.region_of_interest]):
+            raise ValueError(
+                f"the checkpoint was saved while training on other data than {dataset.input_dir.url or dataset.input_dir.path} (another "
+                "optimized dataset, or the image files): resume with the data it was trained on, or start a new fit without --ckpt_path."
+            )
+        super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
