@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_lora import log
@@ -82,6 +83,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         self._interrupts = FitInterrupts(stop_on_interrupt)
         self._stage: str | None = None
         self._written: dict[str, int] = {}  # checkpoint path -> modification time its adapter folder was made from
+        self._found: list[str] = []  # checkpoints in dirpath when fit started
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage
@@ -95,11 +97,11 @@ class AdapterCheckpoint(ModelCheckpoint):
             self._lock = RunLock(self.dirpath)
             self._lock.acquire()  # one fit per folder: a second one is refused here, before any compute
             remove_stale_temporaries(self.dirpath)  # what killed writes of an earlier run left
+        # Checkpoints already there: another run's, unless this fit resumes one, which is known only in on_fit_start
+        # (trainer.ckpt_path is set after setup). Lightning's own warning here is about any file (config.yaml too).
+        self._found = sorted(p.name for p in Path(self.dirpath).glob("*.ckpt")) if stage == "fit" and self.dirpath else []
         with warnings.catch_warnings():
-            # The run folder already holds config.yaml and hparams.yaml, and a resumed run its own checkpoints:
-            # only somebody else's old checkpoints deserve a warning.
-            if self.dirpath and (trainer.ckpt_path or not any(Path(self.dirpath).glob("*.ckpt"))):
-                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -122,6 +124,12 @@ class AdapterCheckpoint(ModelCheckpoint):
         # A resumed run's existing adapter folders belong to its existing checkpoints: rewrite them only with new ones.
         self._written = {"adapter": self._mtime(self.best_model_path), "adapter-last": self._mtime(self.last_model_path)}
         self._interrupts.on_fit_start()
+        if self._found and not trainer.ckpt_path:
+            rank_zero_warn(
+                f"{self.dirpath} already holds another run's checkpoints ({', '.join(self._found[:3])}): this fit writes its own beside "
+                f"them (Lightning adds -v1 to a taken name) and replaces that run's adapter folders; to resume that run instead, pass "
+                f"its last.ckpt as ckpt_path, or choose an empty folder."
+            )
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interrupts.take_sigterm(trainer)

@@ -4,9 +4,11 @@ works or is refused up front."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -87,6 +89,24 @@ def small_fit(tmp_path: Path, tiny_vit: str, food101_dir: str, callbacks: list[p
     )
     trainer.fit(model, datamodule=data)
     return model, trainer
+
+
+def test_a_fit_into_another_runs_checkpoint_folder_says_so_and_a_resume_there_does_not(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    data = Food101DataModule(data_dir=food101_dir, train_split="train", num_workers=0, image_processor=tiny_vit, batch_size=8)
+    model = LoRAImageClassifier(tiny_vit, class_names=data.class_names)
+    folder = tmp_path / "run"
+
+    def fit(epochs: int, ckpt_path: str | None = None) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=epochs, limit_train_batches=1,
+                       limit_val_batches=1, callbacks=[AdapterCheckpoint(dirpath=str(folder))]).fit(model, data, ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught if "checkpoints" in str(w.message) or "not empty" in str(w.message)]
+
+    assert fit(1) == []  # a new folder
+    assert fit(2, ckpt_path=str(folder / "last.ckpt")) == []  # its own run, resumed (Lightning warned: "exists and is not empty")
+    again = fit(1)  # a new run in that folder: its adapter folders are replaced
+    assert len(again) == 1 and re.search(r"already holds another run's checkpoints \(.*last.ckpt.*\): .*replaces that run's adapter folders", again[0])
 
 
 def test_adapter_checkpoint_leaves_signals_and_random_state_alone(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
