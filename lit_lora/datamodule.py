@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,11 +38,14 @@ def default_num_workers() -> int:
 
 
 def settings_problems(
-    val_size: float, val_split: str | None, batch_size: int, num_workers: int | None, prefix: str = ""
+    val_size: float, val_split: str | None, batch_size: int, num_workers: int | None, prefix: str = "",
+    optimized_cache_size: str | float | None = None,
 ) -> list[str]:
     """What is wrong with these `Food101DataModule` settings, each problem naming its setting as ``prefix + name``
     (the CLI checks its configuration with this before building anything)."""
     problems = []
+    if not _is_cache_size(optimized_cache_size):  # else litdata would refuse it in setup, as if the data were damaged
+        problems.append(f"{prefix}optimized_cache_size must be a size such as 200GB or a share of the free disk such as 0.5, got {optimized_cache_size!r}")
     if val_split is None and not 0.0 < val_size < 1.0:
         problems.append(f"{prefix}val_size must be between 0 and 1 (exclusive), got {val_size}")
     if batch_size < 1:
@@ -49,6 +53,20 @@ def settings_problems(
     if num_workers is not None and num_workers < 0:
         problems.append(f"{prefix}num_workers must be 0 or more, got {num_workers}")
     return problems
+
+
+def _is_cache_size(value: str | float | None) -> bool:
+    """Whether litdata takes ``value`` as a chunk-cache size: bytes with an optional unit (``200GB``, ``500m``) or a
+    share of the free disk in (0, 1]; None is its default."""
+    if value is None:
+        return True
+    text = str(value).strip().lower()
+    try:
+        number = float(text)
+    except ValueError:
+        size = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(tb|gb|mb|kb|t|g|m|k|b)", text)
+        return size is not None and float(size.group(1)) > 0
+    return 0 < number <= 1 or (text.isdigit() and number > 0)
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -180,7 +198,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self._saved_train_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     def _check(self) -> None:
-        problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers)
+        problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers, optimized_cache_size=self.optimized_cache_size)
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
 

@@ -369,13 +369,17 @@ def test_unreadable_checkpoint_and_unknown_key_are_named(tmp_path: Path, tiny_vi
 def test_configuration_problems_are_reported_together(tmp_path: Path, run_main) -> None:
     code, _, err = run_main(
         ["fit", "--config", "configs/demo.yaml", f"--model.model_name_or_path={tmp_path / 'no-model'}", f"--data.data_dir={tmp_path / 'no-data'}",
-         "--data.val_size=1.5", "--data.num_workers=-1", f"--ckpt_path={tmp_path / 'no.ckpt'}", "--trainer.max_epochs=-1"], REPO,
+         "--data.val_size=1.5", "--data.num_workers=-1", f"--ckpt_path={tmp_path / 'no.ckpt'}", "--trainer.max_epochs=-1", "--data.optimized_cache_size=200XB"], REPO,
     )
     assert code == 1
-    assert "6 problem(s) in the configuration" in err
+    assert "7 problem(s) in the configuration" in err
     for fragment in ("no-model' is not a folder", "no-data' does not exist", "val_size must be between 0 and 1", "num_workers must be 0 or more", "no.ckpt' does not exist",
-                     "lr_scheduler_type 'linear' (or a model.warmup_ratio) needs the fit's length"):
+                     "lr_scheduler_type 'linear' (or a model.warmup_ratio) needs the fit's length",
+                     "data.optimized_cache_size must be a size such as 200GB or a share of the free disk such as 0.5, got '200XB'"):
         assert fragment in err
+    # In a user's own code, at construction: before a fit's compute, not in its setup as a damaged dataset
+    with pytest.raises(ValueError, match=r"optimized_cache_size must be a size such as 200GB .*, got 'banana'"):
+        Food101DataModule(dataset=None, optimized_dir=str(tmp_path), optimized_cache_size="banana")
 
 
 def test_the_end_of_fit_summary_stays_intact_in_a_real_terminal(tmp_path: Path) -> None:
