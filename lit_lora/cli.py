@@ -184,6 +184,7 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += settings_problems(
         float(data.get("val_size", 0.1)), data.get("val_split"), 1 if batch_size is None else int(batch_size),
         None if workers is None else int(workers), prefix="data.", optimized_cache_size=data.get("optimized_cache_size"),
+        optimized_train_side=int(data.get("optimized_train_side", 256)) if streamed else None,
     )
     if data.get("eval_batch_size") is not None and int(data.get("eval_batch_size")) < 1:
         problems.append(f"data.eval_batch_size must be at least 1, got {data.get('eval_batch_size')}")

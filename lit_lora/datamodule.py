@@ -39,11 +39,16 @@ def default_num_workers() -> int:
 
 def settings_problems(
     val_size: float, val_split: str | None, batch_size: int, num_workers: int | None, prefix: str = "",
-    optimized_cache_size: str | float | None = None,
+    optimized_cache_size: str | float | None = None, optimized_train_side: int | None = None, crop: tuple[int, int] | None = None,
 ) -> list[str]:
     """What is wrong with these `Food101DataModule` settings, each problem naming its setting as ``prefix + name``
-    (the CLI checks its configuration with this before building anything)."""
+    (the CLI checks its configuration with this before building anything). ``optimized_train_side``: checked when
+    optimized data is used, against the model's ``crop`` when known."""
     problems = []
+    least = max(crop or (1,))
+    if optimized_train_side is not None and optimized_train_side < least:  # every training crop enlarged, or none made
+        why = " (the model's crop size: training crops are taken from images this size)" if crop else ""
+        problems.append(f"{prefix}optimized_train_side must be at least {least}{why}, got {optimized_train_side}")
     if not _is_cache_size(optimized_cache_size):  # else litdata would refuse it in setup, as if the data were damaged
         problems.append(f"{prefix}optimized_cache_size must be a size such as 200GB or a share of the free disk such as 0.5, got {optimized_cache_size!r}")
     if val_split is None and not 0.0 < val_size < 1.0:
@@ -149,7 +154,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 refused. A complete one gives the class names; a hub ``dataset`` is then not opened.
             storage_options: passed to litdata's storage client for ``optimized_dir`` URLs (e.g. ``endpoint_url``);
                 the standard ``AWS_*`` variables work without it.
-            optimized_train_side: shorter side of the optimized training images; random crops are taken from these.
+            optimized_train_side: shorter side of the optimized training images, at least the model's crop size (256
+                suits 224 px crops); random crops are taken from these.
             optimized_cache_size: how much of an ``optimized_dir`` URL each node keeps in litdata's chunk cache
                 (``LITDATA_CACHE_DIR``), e.g. ``200GB`` or ``0.5`` of the free disk; chunks beyond it are deleted once
                 read and downloaded again next epoch. By default litdata's: 75 % of the free disk, leaving 50 GB free.
@@ -198,7 +204,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self._saved_train_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     def _check(self) -> None:
-        problems = settings_problems(self.val_size, self.val_split, self.batch_size, self.num_workers, optimized_cache_size=self.optimized_cache_size)
+        problems = settings_problems(
+            self.val_size, self.val_split, self.batch_size, self.num_workers, optimized_cache_size=self.optimized_cache_size,
+            optimized_train_side=self.optimized_train_side if self.optimized_dir else None, crop=self.image_settings.crop,
+        )
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
 
@@ -256,6 +265,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         Raises:
             ValueError: ``output_dir`` holds a different dataset (and not ``overwrite``), or other files.
         """
+        problems = settings_problems(0.5, None, 1, None, optimized_train_side=self.optimized_train_side, crop=self.image_settings.crop)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
         with optimized.writing(output_dir):
             return self._optimize(output_dir, overwrite)
 

@@ -382,6 +382,19 @@ def test_configuration_problems_are_reported_together(tmp_path: Path, run_main) 
         Food101DataModule(dataset=None, optimized_dir=str(tmp_path), optimized_cache_size="banana")
 
 
+def test_optimized_training_images_smaller_than_the_crop_are_refused_before_decoding(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """0 made every training image 'unreadable' and wrote a dataset without them; below the crop (the tiny ViT's 32 px),
+    every training crop would be enlarged."""
+    refused = r"optimized_train_side must be at least 32 \(the model's crop size: .*\), got {}"
+    for side in (0, 16):
+        with pytest.raises(ValueError, match=refused.format(side)):
+            Food101DataModule(data_dir=food101_dir, train_split="train", image_processor=tiny_vit, optimized_train_side=side).optimize(str(tmp_path / "out"))
+        with pytest.raises(ValueError, match=refused.format(side)):
+            Food101DataModule(data_dir=food101_dir, train_split="train", image_processor=tiny_vit, optimized_train_side=side, optimized_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    Food101DataModule(data_dir=food101_dir, train_split="train", image_processor=tiny_vit, optimized_train_side=16)  # not optimizing: not used
+
+
 def test_the_end_of_fit_summary_stays_intact_in_a_real_terminal(tmp_path: Path) -> None:
     """In a 120-column terminal (tmux), the progress bar's last frame is drawn before the summary, not over it."""
     if shutil.which("tmux") is None:
