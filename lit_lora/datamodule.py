@@ -482,6 +482,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
             # litdata gives each process and worker its share (every evaluation image once across processes).
             loader = ResumableStreamingDataLoader(table, **common)
+            # litdata counts epochs in its loader: one made anew during fit (reload_dataloaders_every_n_epochs) would
+            # shuffle and crop as in the first epoch every time. It starts where a kept one would be.
+            loader.current_epoch = self.trainer.current_epoch if train and self.trainer is not None else 0
         else:
             loader = self._file_loader(table, train, common)
         if train:

@@ -313,3 +313,36 @@ def test_a_process_that_must_not_fork_writes_through_a_spawned_one(tmp_path: Pat
     manifest = optimized.write_splits(location, {"train": tables["train"]}, description, module.image_settings, 256, 2, {}, replace=False)
     assert manifest["state"] == "complete" and manifest["splits"] == {"train": 18}
     assert sorted(item["path"] for item in OptimizedImages(f"{location}/train")) == sorted(tables["train"].paths)
+
+
+class FirstBatches(__import__("lightning").pytorch.Callback):
+    """Records each epoch's first training batch: its rows and its mean pixel (the augmentation)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[int], float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.seen.append((batch["index"].tolist(), batch["pixel_values"].float().mean().item()))
+
+
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_loaders_made_anew_every_epoch_give_the_batches_of_kept_ones(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """``reload_dataloaders_every_n_epochs``: litdata counts epochs in its loader, so a new one every epoch shuffled and
+    cropped as in the first epoch, every epoch."""
+    import lightning.pytorch as pl
+
+    from lit_lora import LoRAImageClassifier
+
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=8, num_workers=0)
+    if source == "optimized":
+        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+    runs = []
+    for reload in (0, 1):
+        record, data = FirstBatches(), Food101DataModule(**settings)
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, max_epochs=3,
+                   limit_val_batches=0, reload_dataloaders_every_n_epochs=reload, callbacks=[record]).fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data)
+        runs.append(record.seen)
+    assert len(runs[0]) == 3 and runs[0][0] != runs[0][1]  # a new order and new crops every epoch
+    assert runs[1] == runs[0]
