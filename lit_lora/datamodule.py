@@ -203,10 +203,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self._train_loader: ResumableDataLoader | ResumableStreamingDataLoader | None = None
         self._saved_train_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
-    def _check(self) -> None:
+    def _check(self, optimizing: bool = False) -> None:
         problems = settings_problems(
             self.val_size, self.val_split, self.batch_size, self.num_workers, optimized_cache_size=self.optimized_cache_size,
-            optimized_train_side=self.optimized_train_side if self.optimized_dir else None, crop=self.image_settings.crop,
+            optimized_train_side=self.optimized_train_side if self.optimized_dir or optimizing else None, crop=self.image_settings.crop,
         )
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
@@ -265,9 +265,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         Raises:
             ValueError: ``output_dir`` holds a different dataset (and not ``overwrite``), or other files.
         """
-        problems = settings_problems(0.5, None, 1, None, optimized_train_side=self.optimized_train_side, crop=self.image_settings.crop)
-        if problems:
-            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
+        self._check(optimizing=True)
         with optimized.writing(output_dir):
             return self._optimize(output_dir, overwrite)
 

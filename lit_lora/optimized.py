@@ -313,7 +313,8 @@ def _optimize_in_child(sender: Any, output_dir: str, work_dir: str, options: dic
     try:
         # litdata prints a dozen lines per split on standard output ("Create an account on lightning.ai", each
         # worker's start and end); its progress bar (standard error) is on only on a terminal (``verbose``).
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # in this child only: see `lit_lora.streaming`
+        # litdata is imported here, in the child: its import fixes the start method and adds warning filters.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             from litdata import optimize
 
             optimize(output_dir=output_dir, start_method=_start_method(), **options)
