@@ -54,7 +54,8 @@ class ThroughputLogger(pl.Callback):
         seconds = self._now(pl_module) - self.started
         self.fit_images += self.images
         if self.images:  # a resumed run's interrupted epoch may have had no batch left to train
-            pl_module.log("train/images_per_sec", self.images / max(seconds, 1e-9), rank_zero_only=True)
+            # Every process's figure is the whole run's images over its own clock: their mean, once an epoch.
+            pl_module.log("train/images_per_sec", self.images / max(seconds, 1e-9), sync_dist=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":

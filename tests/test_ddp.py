@@ -27,7 +27,8 @@ def logged(run: Path, key: str) -> list[float]:
 def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     # val_size 0.3 of 48 -> 14 validation images: uneven over 2 processes (a padded sampler would count 2 twice).
     args = [a for a in common_args(tiny_vit, food101_dir) if "val_size" not in a] + ["--data.val_size=0.3", "--data.batch_size=4"]
-    run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2"], tmp_path)
+    fitted = run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2"], tmp_path)
+    assert "sync_dist=True" not in fitted.stdout + fitted.stderr  # train/images_per_sec is reduced across processes
     run = tmp_path / "checkpoints" / "run" / "version_0"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith((".", "events.out.tfevents"))) == sorted(
         ["adapter", "adapter-last", "config.yaml", "hparams.yaml", "last.ckpt", "metrics.csv", "training_curves.png", next(run.glob("epoch=*.ckpt")).name]
