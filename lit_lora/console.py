@@ -7,6 +7,7 @@ Only the CLI calls `quiet_other_libraries`; importing lit_lora or using its modu
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # Messages from Lightning's loggers that tell a lit_lora user nothing they can act on.
@@ -38,9 +39,19 @@ LIBRARY_WARNINGS = (
 )
 
 
+# litdata, on lit_lora's evaluation splits under DDP: they keep every image (drop_last off) on purpose, and no
+# collective runs per evaluation batch.
+LITDATA_CHATTER = ("You're operating within a distributed environment and have disabled the `drop_last` option",)
+
+
 class _DropChatter(logging.Filter):
+    def __init__(self, chatter: tuple[str, ...]) -> None:
+        super().__init__()
+        self.chatter = chatter
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).lstrip().startswith(LIGHTNING_CHATTER)
+        message = re.sub(r"^\[rank: \d+\] ", "", str(record.getMessage()).lstrip())  # Lightning's other processes prefix theirs
+        return not message.startswith(self.chatter)
 
 
 def quiet_other_libraries() -> None:
@@ -49,8 +60,9 @@ def quiet_other_libraries() -> None:
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    chatter = _DropChatter()
+    chatter = _DropChatter(LIGHTNING_CHATTER)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch"):
         logging.getLogger(name).addFilter(chatter)
+    logging.getLogger("litdata.streaming.dataset").addFilter(_DropChatter(LITDATA_CHATTER))
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
