@@ -73,10 +73,16 @@ class ThroughputLogger(pl.Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.images, self.started = 0, self._now(pl_module)
 
+    @staticmethod
+    def _everyone(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int) -> int:
+        """The sum of ``count`` over the processes (a collective under DDP): evaluation shares can be uneven."""
+        return int(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
+
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.images += self._count(batch) * trainer.world_size
+        self.images += self._count(batch)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.images = self._everyone(trainer, pl_module, self.images)
         seconds = self._now(pl_module) - self.started
         self.summary.update(predict_images=self.images, predict_seconds=seconds, predict_images_per_sec=self.images / max(seconds, 1e-9))
         log.info(f"[lit_lora] predict: {self.images} images in {seconds:.1f} s: {self.summary['predict_images_per_sec']:.0f} images/s")
@@ -85,11 +91,12 @@ class ThroughputLogger(pl.Callback):
         self.val_images, self.val_started = 0, self._now(pl_module)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.val_images += self._count(batch) * trainer.world_size
+        self.val_images += self._count(batch)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "validate":
             return
+        self.val_images = self._everyone(trainer, pl_module, self.val_images)
         seconds = self._now(pl_module) - self.val_started
         self.summary.update(validate_images=self.val_images, validate_images_per_sec=self.val_images / max(seconds, 1e-9))
         log.info(f"[lit_lora] validate: {self.val_images} images in {seconds:.1f} s: {self.summary['validate_images_per_sec']:.0f} images/s")

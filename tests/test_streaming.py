@@ -107,8 +107,11 @@ def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str
     out = tmp_path / "predictions.csv"
     validating = start_cli(["validate", *args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
     predicted = run_cli(["predict", *args, *DDP, f"--ckpt_path={run / 'adapter-last'}", f"--predictions.output_path={out}"], tmp_path)
-    finish_cli(validating)
+    validated = finish_cli(validating)
     assert "Couldn't infer the batch indices" not in predicted.stdout + predicted.stderr  # the writer reads each batch's index
+    # litdata's evaluation shares are uneven (4 and 8 images): the throughput line counts every process's own
+    assert "[lit_lora] validate: 12 images in" in validated.stdout + validated.stderr
+    assert "[lit_lora] predict: 16 images in" in predicted.stdout + predicted.stderr
     support = sum(int(r["support"]) for r in csv.DictReader((run / "validate" / "validate_report" / "per_class.csv").open()) if r["class"] in ("tomato", "matcha", "blueberry", "banana"))
     assert support == 12  # every validation image counted once
 
