@@ -112,3 +112,12 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                 "optimized dataset, or the image files): resume with the data it was trained on, or start a new fit without --ckpt_path."
             )
         super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
+        theirs, ours = int(saved.get("num_workers") or 1), max(1, self.num_workers)
+        if theirs != ours:  # data.num_workers defaults to the machine's cores: another kind of node has another count
+            from lightning.pytorch.utilities import rank_zero_warn  # here: loader workers import this module, not Lightning
+
+            rank_zero_warn(
+                f"the checkpoint was saved with {theirs} loader worker(s) per process and this run has {ours}: litdata resumes this "
+                f"epoch exactly, but orders the later ones by the worker count; for the uninterrupted run's order, set data.num_workers "
+                f"to {theirs}."
+            )

@@ -8,6 +8,7 @@ import socket
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -352,3 +353,31 @@ def test_loaders_made_anew_every_epoch_give_the_batches_of_kept_ones(source: str
         runs.append(record.seen)
     assert len(runs[0]) == 3 and runs[0][0] != runs[0][1]  # a new order and new crops every epoch
     assert runs[1] == runs[0]
+
+
+def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """litdata resumes the interrupted epoch exactly with any worker count (checked here), but orders the later ones by
+    the count, which defaults to the machine's cores: a resume on another kind of node says so, and how to keep the
+    order."""
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4)
+    Food101DataModule(**settings, num_workers=0).optimize(str(tmp_path / "optimized"))
+    settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+
+    def loader(workers: int) -> Any:
+        data = Food101DataModule(**settings, num_workers=workers)
+        data.setup("fit")
+        return data.train_dataloader()
+
+    whole = [batch["index"].tolist() for batch in loader(2)]
+    interrupted = loader(2)
+    batches = iter(interrupted)
+    first = [next(batches)["index"].tolist() for _ in range(3)]
+    state = interrupted.state_dict()
+    del batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader(2).load_state_dict(state)  # the same count: nothing to say
+    resumed = loader(0)
+    with pytest.warns(UserWarning, match=r"saved with 2 loader worker\(s\) per process and this run has 1: .* set data.num_workers to 2"):
+        resumed.load_state_dict(state)
+    assert first + [batch["index"].tolist() for batch in resumed] == whole
