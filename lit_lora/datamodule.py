@@ -325,7 +325,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 "or drop --data.data_dir to use it as it is."
             )
         stored, ours = manifest.get("split"), self._split_settings()
-        differ = [key for key in ours if stored and stored.get(key) != ours[key]] if not self.data_dir else []
+        differ = [key for key in ours if stored.get(key) != ours[key]] if stored and not self.data_dir else []
         if differ:  # without the source, nothing can be refused: say that the stored splits are the ones used
             rank_zero_warn(
                 f"{where} was split with " + ", ".join(f"{key}={stored.get(key)!r}" for key in differ) + " and this run sets "
@@ -482,7 +482,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             loader = ResumableStreamingDataLoader(table, **common)
             # litdata counts epochs in its loader: one made anew during fit (reload_dataloaders_every_n_epochs) would
             # shuffle and crop as in the first epoch every time. It starts where a kept one would be.
-            loader.current_epoch = self.trainer.current_epoch if train and self.trainer is not None else 0
+            if train and self.trainer is not None:
+                loader.current_epoch = self.trainer.current_epoch
         else:
             loader = self._file_loader(table, train, common)
         if train:
