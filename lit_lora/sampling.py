@@ -37,7 +37,8 @@ class SeededShuffleSampler(DistributedSampler):
     Under DDP each process takes every ``num_replicas``-th item of the same permutation (padded, as
     `DistributedSampler` does, so all processes run the same number of batches). Being a `DistributedSampler`,
     Lightning uses it as it is instead of wrapping it, which would freeze each image's augmentation seed.
-    ``skip`` leaves that many of this process's items out of the next pass (`ResumableDataLoader` sets it).
+    ``skip`` leaves the permutation's first that many items out of the next pass, the ones that processes with any
+    batch size and number have trained on when they stopped (`ResumableDataLoader` sets it).
     """
 
     def __init__(self, num_rows: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
@@ -50,19 +51,23 @@ class SeededShuffleSampler(DistributedSampler):
         order = torch.randperm(num_rows, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (num_rows,), generator=generator).tolist()
         items = list(zip(order, seeds))
-        items += items[: self.total_size - len(items)]  # pad so that every process gets num_samples items
         skip, self.skip = self.skip, 0
-        return iter(items[self.rank : self.total_size : self.num_replicas][skip:])
+        rest = items[skip:]
+        rest += items[: -len(rest) % self.num_replicas]  # pad with the first items, so that every process gets as many
+        return iter(rest[self.rank :: self.num_replicas])
 
 
 class ResumableDataLoader(DataLoader):
     """A `DataLoader` over a `SeededShuffleSampler` that is resumable the way torchdata's ``StatefulDataLoader`` and
     litdata's ``StreamingDataLoader`` are: its `state_dict` says which epoch it is in and how many batches of it were
     delivered; Lightning saves that in checkpoints and hands it to `load_state_dict` before a resumed fit iterates,
-    and the next pass of that epoch starts after those batches (loading the same state twice is harmless).
+    and the next pass of that epoch starts after the images those batches held on every process (loading the same
+    state twice is harmless).
 
     A batch counts as it is handed out: Lightning fetches none ahead from a loader that has a length, so at a
-    checkpoint the count is the batches trained.
+    checkpoint the count is the batches trained. A run resumed mid-epoch with another batch size or number of
+    processes trains the rest of the epoch, each image once, if its global batch (``batch_size`` x processes) is not
+    larger; a larger one is refused (`check_resumed_batch`).
 
     Not torchdata's ``StatefulDataLoader`` itself: its state loads only into a loader with the same ``num_workers``
     (0.11 fails an assertion otherwise: saved with 2 workers, loaded with 0 or 1), which defaults to the machine's
@@ -72,28 +77,51 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.epoch, self.batches = 0, 0
-        self.resume_at: tuple[int, int] | None = None
+        self.resume_at: dict[str, int] | None = None
         self.saved_state: dict[str, Any] | None = None  # loaded at the first pass if Lightning loaded none (see the data module's state_dict)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
+        return {"epoch": self.epoch, "batches": self.batches, "batch_size": self.batch_size, "processes": self.sampler.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.keys() != {"epoch", "batches"}:  # another loader saved it (litdata's): a position in other data
+        if not {"epoch", "batches"} <= state.keys() <= {"epoch", "batches", "batch_size", "processes"}:  # litdata's: a position in other data
             raise ValueError(
                 "the checkpoint was saved while training on other data than these image files (an optimized dataset): resume with "
                 "the data it was trained on, or start a new fit without --ckpt_path."
             )
-        self.resume_at = (int(state["epoch"]), int(state["batches"]))
+        # Saved before batch_size and processes were (lit_lora 0.x): the run's own, as then assumed.
+        self.resume_at = {"batch_size": self.batch_size, "processes": self.sampler.num_replicas, **{k: int(v) for k, v in state.items()}}
 
     def __iter__(self) -> Iterator[Any]:
         if self.saved_state is not None and self.resume_at is None:
             self.load_state_dict(self.saved_state)
         sampler, self.saved_state = self.sampler, None
         resume, self.resume_at = self.resume_at, None
-        skip = resume[1] if resume is not None and resume[0] == sampler.epoch else 0
-        sampler.skip = skip * self.batch_size
+        skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
+        if skip:
+            check_resumed_batch(skip, resume["batch_size"], resume["processes"], self.batch_size, sampler.num_replicas)
+            sampler.skip = skip * resume["batch_size"] * resume["processes"]
         self.epoch, self.batches = sampler.epoch, skip
         for batch in super().__iter__():
             self.batches += 1
             yield batch
+
+
+def check_resumed_batch(batches: int, saved_batch_size: int, saved_processes: int, batch_size: int, processes: int) -> None:
+    """Refuse to resume an epoch ``batches`` batches in with a larger global batch than it was saved with.
+
+    Lightning counts a resumed epoch's batches on from the saved count and ends the epoch after as many as the
+    new batch size makes: the images after those would not be trained in that epoch (a smaller global batch ends the
+    epoch when its images run out, each trained once).
+
+    Raises:
+        ValueError: naming both batch sizes and process counts, and the images the epoch would leave out.
+    """
+    saved, ours = saved_batch_size * saved_processes, batch_size * processes
+    if ours > saved:
+        raise ValueError(
+            f"the checkpoint was saved {batches} batches into an epoch, with {saved_batch_size} images per batch on {saved_processes} "
+            f"process(es), and this run has {batch_size} on {processes}: Lightning would end that epoch about {batches * (ours - saved)} "
+            f"images early. Resume with data.batch_size {saved_batch_size} on {saved_processes} process(es) (or any batch size x "
+            f"processes up to {saved}), or from a checkpoint written at the end of an epoch."
+        )

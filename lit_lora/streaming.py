@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lit_lora.optimized import BATCH_DECODE, is_url
-from lit_lora.sampling import seeded_cpu_rng
+from lit_lora.sampling import check_resumed_batch, seeded_cpu_rng
 
 with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
     from litdata import StreamingDataLoader, StreamingDataset
@@ -89,18 +89,29 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
     resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
     worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
-    saved on other data (another dataset, or image files) is refused in one line. ``saved_state``: see
+    saved on other data (another dataset, or image files) is refused in one line. A run resumed mid-epoch with a larger
+    global batch is refused as on image files (`check_resumed_batch`). ``saved_state``: see
     `ImageClassificationDataModule.state_dict`.
     """
 
     saved_state: dict[str, Any] | None = None
     _state_loaded = False
+    _position = {"batches": 0, "epoch_done": False}  # of the current pass, saved beside litdata's state
+    _resumed_batches = 0  # batches of the epoch a loaded state stopped in, for the next pass's count
 
     def __iter__(self) -> Any:
         if self.saved_state is not None and not self._state_loaded:
             self.load_state_dict(self.saved_state)
         self.saved_state = None
-        return super().__iter__()
+        self._position, self._resumed_batches = {"batches": self._resumed_batches, "epoch_done": False}, 0
+        for batch in super().__iter__():
+            self._position["batches"] += 1
+            yield batch
+        self._position["epoch_done"] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        done = self._position["epoch_done"] or self._position["batches"] >= len(self)  # Lightning does not fetch past the last
+        return {**super().state_dict(), "lit_lora": {"batches": self._position["batches"], "epoch_done": done}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state_loaded = True
@@ -111,7 +122,17 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                 f"the checkpoint was saved while training on other data than {dataset.input_dir.url or dataset.input_dir.path} (another "
                 "optimized dataset, or the image files): resume with the data it was trained on, or start a new fit without --ckpt_path."
             )
-        super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
+        position = state.get("lit_lora") or {"batches": 0, "epoch_done": False}  # saved by lit_lora 0.x: not checked
+        if position["epoch_done"]:
+            # Nothing of that epoch is left: start the next as a kept loader would. litdata 0.2.76 resumes a finished epoch
+            # saved with another batch size or process count as that same epoch, and the next epoch trains on nothing.
+            self.current_epoch = int(state["current_epoch"])
+        else:
+            if position["batches"]:
+                processes = dataset.distributed_env.world_size
+                check_resumed_batch(position["batches"], int(saved["batch_size"]), int(saved["world_size"]), self.batch_size, processes)
+            self._resumed_batches = position["batches"]
+            super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
         theirs, ours = int(saved.get("num_workers") or 1), max(1, self.num_workers)
         if theirs != ours:  # data.num_workers defaults to the machine's cores: another kind of node has another count
             from lightning.pytorch.utilities import rank_zero_warn  # here: loader workers import this module, not Lightning

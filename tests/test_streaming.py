@@ -381,3 +381,80 @@ def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path,
     with pytest.warns(UserWarning, match=r"saved with 2 loader worker\(s\) per process and this run has 1: .* set data.num_workers to 2"):
         resumed.load_state_dict(state)
     assert first + [batch["index"].tolist() for batch in resumed] == whole
+
+
+class ImagesPerEpoch(__import__("lightning").pytorch.Callback):
+    """Records the index of every training image, per epoch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+
+
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_a_resume_with_another_batch_size_trains_each_image_of_the_epoch_once_or_is_refused(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Preempted with batches of 4, resumed with 2 (a smaller GPU): the rest of the epoch is every image not yet trained,
+    once (image files skipped 3 x 2 images instead of 3 x 4, training 6 twice). Resumed with 8: refused, as Lightning
+    counts the resumed epoch in batches and would end it 12 images early (litdata also repeated some). Resumed from the
+    end of an epoch with 8: the next epoch is every image once (litdata trained none)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from test_checkpoints import SignalAtBatch
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=0)
+    if source == "optimized":
+        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+
+    def fit(batch_size: int, epochs: int, folder: str, ckpt_path: str | None = None, *callbacks: Any) -> dict[int, list[int]]:
+        record, data = ImagesPerEpoch(), Food101DataModule(**settings, batch_size=batch_size)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=epochs, limit_val_batches=0,
+                             callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None), *callbacks])
+        try:
+            trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            pass
+        return record.seen
+
+    images = len(fit(4, 1, "whole")[0])
+    first = fit(4, 1, "stopped", None, SignalAtBatch(batch=2, epoch=0))[0]
+    assert len(first) == 12
+    rest = fit(2, 1, "resumed", str(tmp_path / "stopped" / "last.ckpt"))[0]
+    assert sorted(first + rest) == sorted(set(first + rest)) and len(first + rest) == images
+    with pytest.raises(ValueError, match=r"saved 3 batches into an epoch, with 4 images per batch on 1 process\(es\), and this run has 8 on 1: .*"
+                       r"12 images early\. Resume with data.batch_size 4 on 1 process\(es\)"):
+        fit(8, 1, "refused", str(tmp_path / "stopped" / "last.ckpt"))
+    next_epoch = fit(8, 2, "next", str(tmp_path / "whole" / "last.ckpt"))
+    assert list(next_epoch) == [1] and len(next_epoch[1]) == len(set(next_epoch[1])) == images
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [((2, 2), (1, 4)), ((2, 2), (4, 1)), ((1, 4), (2, 1)), ((2, 3), (2, 3))])
+def test_image_files_resume_an_epoch_on_another_number_of_processes_with_each_image_once(saved: tuple[int, int], resumed: tuple[int, int]) -> None:
+    """(processes, batch size) before and after: the resumed processes together take every image the stopped ones had
+    not, once. With another global batch (1 x 4 to 2 x 1), each resumed process skipped its batches times its new batch
+    size of its new share: 8 images trained twice."""
+    from torch.utils.data import Dataset
+
+    from lit_lora.sampling import ResumableDataLoader, SeededShuffleSampler
+
+    class Rows(Dataset):
+        def __getitem__(self, item: tuple[int, int]) -> int:
+            return item[0]
+
+    def loaders(processes: int, batch_size: int) -> list[ResumableDataLoader]:
+        return [ResumableDataLoader(Rows(), sampler=SeededShuffleSampler(48, seed=3, num_replicas=processes, rank=r), batch_size=batch_size) for r in range(processes)]
+
+    stopped = loaders(*saved)
+    passes = [iter(loader) for loader in stopped]
+    trained = [row for rows in zip(*[[next(p).tolist() for _ in range(3)] for p in passes]) for batch in rows for row in batch]
+    states = [loader.state_dict() for loader in stopped]
+    assert all(state == states[0] for state in states)  # every process stopped after the same batch
+    rest = []
+    for loader in loaders(*resumed):
+        loader.load_state_dict(states[0])
+        rest += [row for batch in loader for row in batch.tolist()]
+    assert sorted(trained + rest) == list(range(48))
