@@ -4,6 +4,7 @@ it is in the epoch, so a resumed run sees exactly the batches an uninterrupted o
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,15 +60,15 @@ class SeededShuffleSampler(DistributedSampler):
 
 class ResumableDataLoader(DataLoader):
     """A `DataLoader` over a `SeededShuffleSampler` that is resumable the way torchdata's ``StatefulDataLoader`` and
-    litdata's ``StreamingDataLoader`` are: its `state_dict` says which epoch it is in and how many batches of it were
-    delivered; Lightning saves that in checkpoints and hands it to `load_state_dict` before a resumed fit iterates,
-    and the next pass of that epoch starts after the images those batches held on every process (loading the same
-    state twice is harmless).
+    litdata's ``StreamingDataLoader`` are: its `state_dict` says which epoch it is in, how many batches of it were
+    delivered and how many of the epoch's images all processes together have had; Lightning saves that in checkpoints
+    and hands it to `load_state_dict` before a resumed fit iterates, and the next pass of that epoch starts after those
+    images (loading the same state twice is harmless).
 
     A batch counts as it is handed out: Lightning fetches none ahead from a loader that has a length, so at a
     checkpoint the count is the batches trained. A run resumed mid-epoch with another batch size or number of
-    processes trains the rest of the epoch, each image once, if its global batch (``batch_size`` x processes) is not
-    larger; a larger one is refused (`check_resumed_batch`).
+    processes trains the rest of the epoch, each image once, unless Lightning would end the epoch before its last images
+    (`check_rest_of_epoch`).
 
     Not torchdata's ``StatefulDataLoader`` itself: its state loads only into a loader with the same ``num_workers``
     (0.11 fails an assertion otherwise: saved with 2 workers, loaded with 0 or 1), which defaults to the machine's
@@ -76,52 +77,66 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.epoch, self.batches = 0, 0
+        self.epoch, self.batches, self.images = 0, 0, 0
         self.resume_at: dict[str, int] | None = None
         self.saved_state: dict[str, Any] | None = None  # loaded at the first pass if Lightning loaded none (see the data module's state_dict)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches, "batch_size": self.batch_size, "processes": self.sampler.num_replicas}
+        geometry = {"batch_size": self.batch_size, "processes": self.sampler.num_replicas}
+        return {"epoch": self.epoch, "batches": self.batches, "images": self.images, **geometry}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not {"epoch", "batches"} <= state.keys() <= {"epoch", "batches", "batch_size", "processes"}:  # litdata's: a position in other data
+        if not {"epoch", "batches"} <= state.keys() <= {"epoch", "batches", "images", "batch_size", "processes"}:  # litdata's: other data
             raise ValueError(
                 "the checkpoint was saved while training on other data than these image files (an optimized dataset): resume with "
                 "the data it was trained on, or start a new fit without --ckpt_path."
             )
-        # Saved before batch_size and processes were (lit_lora 0.x): the run's own, as then assumed.
-        self.resume_at = {"batch_size": self.batch_size, "processes": self.sampler.num_replicas, **{k: int(v) for k, v in state.items()}}
+        # Saved by lit_lora 0.x, with batches only: in this run's batch size and processes, as then assumed.
+        resume = {"batch_size": self.batch_size, "processes": self.sampler.num_replicas, **{k: int(v) for k, v in state.items()}}
+        self.resume_at = {"images": resume["batches"] * resume["batch_size"] * resume["processes"], **resume}
 
     def __iter__(self) -> Iterator[Any]:
         if self.saved_state is not None and self.resume_at is None:
             self.load_state_dict(self.saved_state)
         sampler, self.saved_state = self.sampler, None
         resume, self.resume_at = self.resume_at, None
-        skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
-        if skip:
-            check_resumed_batch(skip, resume["batch_size"], resume["processes"], self.batch_size, sampler.num_replicas)
-            sampler.skip = skip * resume["batch_size"] * resume["processes"]
-        self.epoch, self.batches = sampler.epoch, skip
+        if resume is None or resume["epoch"] != sampler.epoch:
+            resume = {"batches": 0, "images": 0}
+        elif (resume["batch_size"], resume["processes"]) != (self.batch_size, sampler.num_replicas):
+            left = math.ceil(max(0, len(sampler.dataset) - resume["images"]) / sampler.num_replicas)
+            check_rest_of_epoch(resume, left, len(self), self.batch_size, sampler.num_replicas)
+        sampler.skip = resume["images"]
+        self.epoch, self.batches, self.images = sampler.epoch, resume["batches"], resume["images"]
         for batch in super().__iter__():
             self.batches += 1
+            self.images += self.batch_size * sampler.num_replicas
             yield batch
 
 
-def check_resumed_batch(batches: int, saved_batch_size: int, saved_processes: int, batch_size: int, processes: int) -> None:
-    """Refuse to resume an epoch ``batches`` batches in with a larger global batch than it was saved with.
+def check_rest_of_epoch(saved: dict[str, int], images_left: int, batches_in_epoch: int, batch_size: int, processes: int) -> None:
+    """Refuse to resume an epoch whose images left need more batches than Lightning will run.
 
-    Lightning counts a resumed epoch's batches on from the saved count and ends the epoch after as many as the
-    new batch size makes: the images after those would not be trained in that epoch (a smaller global batch ends the
-    epoch when its images run out, each trained once).
+    Lightning counts a resumed epoch's batches on from the saved count (``saved["batches"]``, in the batch sizes they
+    had) and ends the epoch after ``batches_in_epoch`` of this run's: with a larger batch size or more processes than
+    the epoch was saved with, its last images would not be trained (with a smaller or equal global batch the loader
+    runs out first, every image trained once).
+
+    Args:
+        saved: the saved position: ``batches``, and the ``batch_size`` and ``processes`` it was saved with.
+        images_left: images each process of this run has left in the epoch.
+        batches_in_epoch: the epoch's batches per process with this run's batch size.
+        batch_size: this run's images per batch.
+        processes: this run's processes.
 
     Raises:
-        ValueError: naming both batch sizes and process counts, and the images the epoch would leave out.
+        ValueError: naming both batch sizes and process counts, and about how many images the epoch would leave out.
     """
-    saved, ours = saved_batch_size * saved_processes, batch_size * processes
-    if ours > saved:
+    runs = batches_in_epoch - saved["batches"]
+    if math.ceil(images_left / batch_size) > runs:
+        lost = (images_left - runs * batch_size) * processes
         raise ValueError(
-            f"the checkpoint was saved {batches} batches into an epoch, with {saved_batch_size} images per batch on {saved_processes} "
-            f"process(es), and this run has {batch_size} on {processes}: Lightning would end that epoch about {batches * (ours - saved)} "
-            f"images early. Resume with data.batch_size {saved_batch_size} on {saved_processes} process(es) (or any batch size x "
-            f"processes up to {saved}), or from a checkpoint written at the end of an epoch."
+            f"the checkpoint was saved {saved['batches']} batches into an epoch, with {saved['batch_size']} images per batch on "
+            f"{saved['processes']} process(es), and this run has {batch_size} on {processes}: Lightning would end that epoch about {lost} "
+            f"images early. Resume with data.batch_size {saved['batch_size']} on {saved['processes']} process(es) (or a smaller "
+            "batch size), or from a checkpoint written at the end of an epoch."
         )

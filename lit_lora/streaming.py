@@ -10,6 +10,7 @@ leaves that choice to the user (`tests/test_library.py`).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from lit_lora.optimized import BATCH_DECODE, is_url
-from lit_lora.sampling import check_resumed_batch, seeded_cpu_rng
+from lit_lora.sampling import check_rest_of_epoch, seeded_cpu_rng
 
 with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
     from litdata import StreamingDataLoader, StreamingDataset
@@ -89,8 +90,9 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
     resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
     worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
-    saved on other data (another dataset, or image files) is refused in one line. A run resumed mid-epoch with a larger
-    global batch is refused as on image files (`check_resumed_batch`). ``saved_state``: see
+    saved on other data (another dataset, or image files) is refused in one line. A run resumed mid-epoch with a batch size
+    or number of processes that Lightning would end the epoch early with is refused, as on image files
+    (`check_rest_of_epoch`). ``saved_state``: see
     `ImageClassificationDataModule.state_dict`.
     """
 
@@ -128,9 +130,11 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             # saved with another batch size or process count as that same epoch, and the next epoch trains on nothing.
             self.current_epoch = int(state["current_epoch"])
         else:
-            if position["batches"]:
-                processes = dataset.distributed_env.world_size
-                check_resumed_batch(position["batches"], int(saved["batch_size"]), int(saved["world_size"]), self.batch_size, processes)
+            processes = dataset.distributed_env.world_size
+            resumed = {"batches": position["batches"], "batch_size": int(saved["batch_size"]), "processes": int(saved["world_size"])}
+            if position["batches"] and (resumed["batch_size"], resumed["processes"]) != (self.batch_size, processes):
+                left = len(dataset) - math.ceil(int(saved.get("sample_in_epoch", 0)) / processes)  # len: this process's share
+                check_rest_of_epoch(resumed, left, len(self), self.batch_size, processes)
             self._resumed_batches = position["batches"]
             super().load_state_dict({**state, "dataset": {**saved, "input_dir_path": dataset.input_dir.path}})
         theirs, ours = int(saved.get("num_workers") or 1), max(1, self.num_workers)

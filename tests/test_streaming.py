@@ -395,9 +395,9 @@ class ImagesPerEpoch(__import__("lightning").pytorch.Callback):
 
 @pytest.mark.parametrize("source", ["optimized", "files"])
 def test_a_resume_with_another_batch_size_trains_each_image_of_the_epoch_once_or_is_refused(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
-    """Preempted with batches of 4, resumed with 2 (a smaller GPU): the rest of the epoch is every image not yet trained,
-    once (image files skipped 3 x 2 images instead of 3 x 4, training 6 twice). Resumed with 8: refused, as Lightning
-    counts the resumed epoch in batches and would end it 12 images early (litdata also repeated some). Resumed from the
+    """Preempted with batches of 4, resumed with 2 (a smaller GPU), preempted and resumed again: the rest of the epoch is
+    every image not yet trained, once (image files skipped 3 x 2 images instead of 3 x 4). Resumed with 8: refused, as Lightning
+    counts the resumed epoch in batches and would end it 8 images early (litdata also repeated some). Resumed from the
     end of an epoch with 8: the next epoch is every image once (litdata trained none)."""
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -423,10 +423,12 @@ def test_a_resume_with_another_batch_size_trains_each_image_of_the_epoch_once_or
     images = len(fit(4, 1, "whole")[0])
     first = fit(4, 1, "stopped", None, SignalAtBatch(batch=2, epoch=0))[0]
     assert len(first) == 12
-    rest = fit(2, 1, "resumed", str(tmp_path / "stopped" / "last.ckpt"))[0]
-    assert sorted(first + rest) == sorted(set(first + rest)) and len(first + rest) == images
+    second = fit(2, 1, "stopped-again", str(tmp_path / "stopped" / "last.ckpt"), SignalAtBatch(batch=4, epoch=0))[0]
+    assert len(second) == 4
+    rest = fit(2, 1, "resumed", str(tmp_path / "stopped-again" / "last.ckpt"))[0]  # image files skipped 5 x 2 images: 6 twice
+    assert sorted(first + second + rest) == sorted(set(first + second + rest)) and len(first + second + rest) == images
     with pytest.raises(ValueError, match=r"saved 3 batches into an epoch, with 4 images per batch on 1 process\(es\), and this run has 8 on 1: .*"
-                       r"12 images early\. Resume with data.batch_size 4 on 1 process\(es\)"):
+                       r"8 images early\. Resume with data.batch_size 4 on 1 process\(es\)"):
         fit(8, 1, "refused", str(tmp_path / "stopped" / "last.ckpt"))
     next_epoch = fit(8, 2, "next", str(tmp_path / "whole" / "last.ckpt"))
     assert list(next_epoch) == [1] and len(next_epoch[1]) == len(set(next_epoch[1])) == images
