@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import mmap
 import multiprocessing
+import multiprocessing.util  # registers the exit function that terminates workers before ours (`MainExiting`)
 import os
 import signal
-import threading
 import warnings
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -34,12 +35,13 @@ class WorkerStart:
     SIGKILL still ends it). Yet they end when the main process's interpreter exits: Python's exit sends a SIGTERM to
     each worker still running (a script or notebook that keeps a loader with persistent workers), then waits for it.
 
-    How: a forked worker (Linux's default before Python 3.14) runs one thread, in which it blocks SIGTERM before
-    starting a thread that waits for it and reads who sent it: the main process's is obeyed. A worker started with
-    spawn or forkserver (macOS's default, Linux's from 3.14) already runs threads (numpy's BLAS pool), any of which
-    could take the signal first: its handler obeys a SIGTERM only once a pipe reads as ready, which the main process
-    closes as its interpreter exits, before multiprocessing terminates the workers. Forked workers without
-    ``signal.sigwaitinfo`` (macOS, Windows) keep SIGTERM's default action, as in torch.
+    How: a worker's SIGTERM handler ends it only once the main process is exiting, which the main process announces
+    as its interpreter exits, before multiprocessing terminates the workers: in a byte of memory it shares with the
+    workers it forks (Linux's default before Python 3.14), and by closing a pipe whose reading end goes to each worker
+    it spawns (macOS's default, Linux's from 3.14, and forkserver). Not a thread that waits for the signal and reads
+    who sent it, as until 0.x: a thread that a forked worker starts before its ``worker_init_fn`` runs (one finishing
+    a loader that the collector found in the copy of the main process's memory) takes the SIGTERM instead and drops
+    it, and the main process waits for that worker forever.
 
     When the model computes on the same cores, its threads wait for each other after every operation, so a worker
     that preempts one of them stalls all of them; at lower priority the workers fill the cores' idle moments
@@ -48,7 +50,12 @@ class WorkerStart:
 
     def __init__(self, lower_priority: bool = False, main_exiting: Any = None) -> None:
         self.lower_priority = lower_priority
-        self.main_exiting = main_exiting  # a pipe, in the copy a spawned worker receives (`_reduce_for_a_spawned_worker`)
+        # Anything with poll(): this process's `MainExiting` for forked workers, a pipe in the copy a spawned worker
+        # receives (`_reduce_for_a_spawned_worker`).
+        self.main_exiting = main_exiting if main_exiting is not None else MainExiting.of_this_process()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"lower_priority": self.lower_priority, "main_exiting": None}  # copied or pickled: no process to signal
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,20 +65,41 @@ class WorkerStart:
         warnings.filterwarnings("ignore", message=READ_ONLY_CHUNK_WARNING, category=UserWarning)
         if self.main_exiting is not None:
             signal.signal(signal.SIGTERM, functools.partial(_exit_if_main_exiting, self.main_exiting))
-        elif hasattr(signal, "sigwaitinfo"):
-            # Blocked in this thread, and so in every thread started from now on: the thread below takes them all.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="lit_lora: SIGTERM", daemon=True).start()
         if self.lower_priority:
             os.nice(10)
+
+
+class MainExiting:
+    """A byte of memory that this process shares with the processes it forks, set as its interpreter exits (by an
+    `atexit` function registered after multiprocessing's, so it runs first: before multiprocessing terminates the
+    workers)."""
+
+    _of_this_process: MainExiting | None = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._byte = mmap.mmap(-1, 1)  # anonymous and shared: a forked worker reads what this process writes
+        atexit.register(self._set)
+
+    @classmethod
+    def of_this_process(cls) -> MainExiting:
+        """This process's (made at the first call in each process)."""
+        if cls._of_this_process is None or cls._of_this_process.pid != os.getpid():
+            cls._of_this_process = cls()
+        return cls._of_this_process
+
+    def _set(self) -> None:
+        self._byte[0] = 1
+
+    def poll(self) -> bool:
+        """Whether the process that made this is exiting."""
+        return self._byte[0] == 1
 
 
 def _main_exit() -> Any:
     """The reading end of a pipe whose only writing end this process closes when its interpreter exits: from then on
     it reads as ready. Made at the first spawned worker (a forkserver's takes it too); closed by an `atexit` function
-    registered after multiprocessing's (imported by then), so it runs first: before multiprocessing terminates the
-    workers."""
+    registered after multiprocessing's, so it runs first."""
     global _main_exit_reader
     if _main_exit_reader is None:
         _main_exit_reader, writer = multiprocessing.Pipe(duplex=False)
@@ -89,19 +117,12 @@ ForkingPickler.register(WorkerStart, _reduce_for_a_spawned_worker)
 
 
 def _exit_if_main_exiting(main_exiting: Any, signum: int, frame: Any) -> None:
-    """A spawned worker's SIGTERM handler: end the worker if the main process is exiting, else ignore the signal.
+    """A worker's SIGTERM handler: end the worker if the main process is exiting, else ignore the signal.
 
-    The pipe is polled, without a lock: a handler that waited for one could wait forever (a second SIGTERM, handled
-    while the first one held it). Not a multiprocessing ``Event`` waited on by a thread either: with that, a CLI fit
-    under spawn hung at exit (seemingly because a worker that ended while waiting stays counted as a sleeper, and
-    the main process's ``set`` waits for every sleeper to wake).
+    Polled, without a lock: a handler that waited for one could wait forever (a second SIGTERM, handled while the
+    first one held it). Not a multiprocessing ``Event`` waited on by a thread either: with that, a CLI fit under spawn
+    hung at exit (seemingly because a worker that ended while waiting stays counted as a sleeper, and the main
+    process's ``set`` waits for every sleeper to wake).
     """
     if main_exiting.poll():
         os._exit(0)  # status 0: torch's check in the main process takes any other end for a crash
-
-
-def _exit_on_sigterm_from(parent: int) -> None:
-    """Wait for SIGTERMs (blocked in this worker); end the worker at the first one its parent, the main process, sent."""
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-        pass
-    os._exit(0)  # status 0: torch's check in the main process takes any other end for a crash

@@ -72,6 +72,26 @@ print("ok", flush=True)
     assert said == [] or (start_method != "fork" and len(said) == 1 and litdata_semaphore in said[0]), result.stderr[-2000:]
 
 
+def test_a_worker_with_a_thread_started_before_its_init_still_ends_at_exit(tiny_vit: str, food101_dir: str) -> None:
+    """A forked worker can run a thread before its ``worker_init_fn``: its copy of the main process's memory holds an
+    earlier loader that the collector finishes there, starting that loader's queue thread. Such a thread took the
+    SIGTERM of Python's exit and dropped it, and the main process waited for the worker forever (the test run hung at
+    exit after the streaming tests, 1 run in 3). The thread is started here by an at-fork hook."""
+    script = f"""
+import multiprocessing, os, threading, time
+multiprocessing.set_start_method("fork")
+from lit_lora import Food101DataModule
+os.register_at_fork(after_in_child=lambda: threading.Thread(target=time.sleep, args=(3600,), daemon=True).start())
+data = Food101DataModule(data_dir={food101_dir!r}, train_split="train", val_size=0.25, batch_size=4, num_workers=2, image_processor={tiny_vit!r})
+data.setup("fit")
+loader = data.train_dataloader()
+next(iter(loader))
+print("ok", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 class WatchSigint(pl.Callback):
     """Records the SIGINT handler in force while training runs."""
 
