@@ -12,7 +12,6 @@ import atexit
 import functools
 import mmap
 import multiprocessing
-import multiprocessing.util  # registers the exit function that terminates workers before ours (`MainExiting`)
 import os
 import signal
 import warnings
@@ -77,6 +76,8 @@ class MainExiting:
     _of_this_process: MainExiting | None = None
 
     def __init__(self) -> None:
+        import multiprocessing.util  # noqa: F401  # registers the exit function that terminates workers, if not yet: before ours
+
         self.pid = os.getpid()
         self._byte = mmap.mmap(-1, 1)  # anonymous and shared: a forked worker reads what this process writes
         atexit.register(self._set)
