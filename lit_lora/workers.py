@@ -38,7 +38,7 @@ class WorkerStart:
     as its interpreter exits, before multiprocessing terminates the workers: in a byte of memory it shares with the
     workers it forks (Linux's default before Python 3.14), and by closing a pipe whose reading end goes to each worker
     it spawns (macOS's default, Linux's from 3.14, and forkserver). Not a thread that waits for the signal and reads
-    who sent it, as until 0.x: a thread that a forked worker starts before its ``worker_init_fn`` runs (one finishing
+    who sent it, as before: a thread that a forked worker starts before its ``worker_init_fn`` runs (one finishing
     a loader that the collector found in the copy of the main process's memory) takes the SIGTERM instead and drops
     it, and the main process waits for that worker forever.
 
@@ -90,7 +90,8 @@ class MainExiting:
         return cls._of_this_process
 
     def _set(self) -> None:
-        self._byte[0] = 1
+        if os.getpid() == self.pid:  # not in a forked copy of this process that exits through atexit
+            self._byte[0] = 1
 
     def poll(self) -> bool:
         """Whether the process that made this is exiting."""
