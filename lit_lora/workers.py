@@ -20,8 +20,6 @@ from typing import Any
 
 from lit_lora.console import READ_ONLY_CHUNK_WARNING
 
-_main_exit_reader: Any = None  # ready to read once this process's interpreter exits (`_main_exit`)
-
 
 class WorkerStart:
     """A loader's ``worker_init_fn``: leave stopping to the main process and, with ``lower_priority``, run at a lower
@@ -69,9 +67,10 @@ class WorkerStart:
 
 
 class MainExiting:
-    """A byte of memory that this process shares with the processes it forks, set as its interpreter exits (by an
-    `atexit` function registered after multiprocessing's, so it runs first: before multiprocessing terminates the
-    workers)."""
+    """This process's word to its loader workers that its interpreter is exiting, given by an `atexit` function
+    registered after multiprocessing's, so that it runs first: before multiprocessing terminates the workers. Forked
+    workers read a byte of memory this process shares with them; spawned ones (and a forkserver's) a pipe whose only
+    writing end this process then closes, so that it reads as ready."""
 
     _of_this_process: MainExiting | None = None
 
@@ -80,6 +79,7 @@ class MainExiting:
 
         self.pid = os.getpid()
         self._byte = mmap.mmap(-1, 1)  # anonymous and shared: a forked worker reads what this process writes
+        self._pipe: tuple[Any, Any] | None = None  # (reader, writer), made at the first spawned worker
         atexit.register(self._set)
 
     @classmethod
@@ -89,30 +89,27 @@ class MainExiting:
             cls._of_this_process = cls()
         return cls._of_this_process
 
+    def reader(self) -> Any:
+        """What a spawned worker polls instead: the reading end of the pipe."""
+        if self._pipe is None:
+            self._pipe = multiprocessing.Pipe(duplex=False)
+        return self._pipe[0]
+
     def _set(self) -> None:
         if os.getpid() == self.pid:  # not in a forked copy of this process that exits through atexit
             self._byte[0] = 1
+            if self._pipe is not None:
+                self._pipe[1].close()
 
     def poll(self) -> bool:
         """Whether the process that made this is exiting."""
         return self._byte[0] == 1
 
 
-def _main_exit() -> Any:
-    """The reading end of a pipe whose only writing end this process closes when its interpreter exits: from then on
-    it reads as ready. Made at the first spawned worker (a forkserver's takes it too); closed by an `atexit` function
-    registered after multiprocessing's, so it runs first."""
-    global _main_exit_reader
-    if _main_exit_reader is None:
-        _main_exit_reader, writer = multiprocessing.Pipe(duplex=False)
-        atexit.register(writer.close)
-    return _main_exit_reader
-
-
 def _reduce_for_a_spawned_worker(start: WorkerStart) -> tuple[Any, tuple[bool, Any]]:
     """How multiprocessing pickles a `WorkerStart` for a worker it spawns (a forked one shares the object): with the
     pipe. Other pickling (``copy``, ``pickle``) leaves it out, as a pipe can only go to a process being started."""
-    return WorkerStart, (start.lower_priority, _main_exit())
+    return WorkerStart, (start.lower_priority, MainExiting.of_this_process().reader())
 
 
 ForkingPickler.register(WorkerStart, _reduce_for_a_spawned_worker)
