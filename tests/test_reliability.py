@@ -178,7 +178,7 @@ SLOW_OPTIMIZE = """
 import sys, time
 import lit_lora.optimized as optimized
 write = optimized.WriteImage.__call__
-optimized.WriteImage.__call__ = lambda self, row: (time.sleep(0.2), write(self, row))[1]
+optimized.WriteImage.__call__ = lambda self, row: (time.sleep(1), write(self, row))[1]  # the train split: 20 s
 from lit_lora.__main__ import main
 sys.argv = ["lit_lora", *sys.argv[1:]]
 main()
@@ -199,18 +199,23 @@ def test_ctrl_c_during_optimize_stops_every_process_and_says_so(tmp_path: Path, 
         with log.open("w") as stderr:  # a file: processes left behind would keep a pipe open
             process = subprocess.Popen(command, stderr=stderr, start_new_session=True, env=bare_env(TMPDIR=str(tmp_path / "tmp"), HF_HUB_OFFLINE="1"))
         runs[who] = process, output, log, ("\0".join(command) + "\0").encode()
-    due: dict[str, float] = {}  # when to signal each run: a second after it started writing its train split
+    # Each run is signalled a second after it starts writing its train split, on its own clock: the three start
+    # together but may reach that point seconds apart on a busy machine (waiting for the slowest let the others finish).
+    due: dict[str, float] = {}
     deadline = time.monotonic() + 90
-    while runs.keys() - due.keys() and time.monotonic() < deadline:
-        due.update({who: time.monotonic() + 1 for who, run in runs.items() if who not in due and "optimizing train" in run[2].read_text()})
+    while len(due) < len(runs) or any(when != 0 for when in due.values()):
+        assert time.monotonic() < deadline, {who: run[2].read_text() for who, run in runs.items()}
+        for who, (process, _, log, _) in runs.items():
+            if who not in due and "optimizing train" in log.read_text():
+                due[who] = time.monotonic() + 1
+            if due.get(who, 0) and time.monotonic() >= due[who]:
+                assert process.poll() is None, f"{who} ended before it was signalled: {log.read_text()}"
+                if who == "terminal":
+                    os.killpg(process.pid, signal.SIGINT)
+                else:
+                    os.kill(process.pid, signal.SIGTERM if who == "sigterm" else signal.SIGINT)
+                due[who] = 0
         time.sleep(0.05)
-    for who in sorted(due, key=due.get):
-        time.sleep(max(0.0, due[who] - time.monotonic()))
-        process = runs[who][0]
-        if who == "terminal":
-            os.killpg(process.pid, signal.SIGINT)
-        else:
-            os.kill(process.pid, signal.SIGTERM if who == "sigterm" else signal.SIGINT)
     for who, (process, output, log, command) in runs.items():
         if who == "sigterm":
             assert process.wait(15) == -signal.SIGTERM
