@@ -132,11 +132,11 @@ class AdapterCheckpoint(ModelCheckpoint):
             )
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._interrupts.take_sigterm(trainer)
+        self._interrupts.take_signals(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._interrupts.take_sigterm(trainer)
+        self._interrupts.take_signals(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -230,7 +230,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         if isinstance(exception, KeyboardInterrupt):
             kept = f"{path} (step {_saved_step(path)}) is the latest checkpoint" if os.path.isfile(path) else "no checkpoint was written"
-            log.info(f"\n[lit_lora] stopped at once (second Ctrl-C): nothing saved; {kept}.")
+            when = "second Ctrl-C" if self._interrupts.signal_name == "SIGINT" else "Ctrl-C before training started"
+            log.info(f"\n[lit_lora] stopped at once ({when}): nothing saved; {kept}.")
             return
         if not isinstance(exception, SIGTERMException):
             return

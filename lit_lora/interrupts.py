@@ -39,15 +39,17 @@ class FitInterrupts:
         self._shared_val_batches = 0
 
     def on_fit_start(self) -> None:
-        """With ``stop_on_interrupt``, make Ctrl-C stop after this batch (put back by `restore` at the end of fit)."""
+        """Forget what stopped an earlier fit."""
         self.signal_name = None
+
+    def take_signals(self, trainer: pl.Trainer) -> None:
+        """With ``stop_on_interrupt``, make Ctrl-C stop after this batch; under DDP, take SIGTERM from Lightning until
+        the processes agree on it. Call once Lightning has installed its handlers (at the start of the sanity check and
+        of training): it records every handler then and puts them all back when the fit ends, after the callbacks'
+        ``on_exception``, so a handler installed before (in ``on_fit_start``) would outlive a failed fit. `restore`
+        with ``signal.SIGTERM`` before Lightning puts back its own original handlers (``on_train_end``)."""
         if self.stop_on_interrupt:
             self._install(signal.SIGINT, self._stop_after_this_batch)
-
-    def take_sigterm(self, trainer: pl.Trainer) -> None:
-        """Under DDP, take SIGTERM from Lightning (call once its handler is installed: at the start of the sanity check
-        and of training) until the processes agree on it; `restore` with ``signal.SIGTERM`` before Lightning puts back
-        its own original handlers (``on_train_end``, ``on_exception``)."""
         if trainer.world_size > 1:
             self._install(signal.SIGTERM, self._record_sigterm)
 

@@ -129,6 +129,24 @@ def test_a_fit_into_another_runs_checkpoint_folder_says_so_and_a_resume_there_do
     assert len(again) == 1 and re.search(r"already holds another run's checkpoints \(.*last.ckpt.*\): .*replaces that run's adapter folders", again[0])
 
 
+class FailAfterBatch(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        raise RuntimeError("a bug in the user's code")
+
+
+def test_a_failed_fit_puts_ctrl_c_and_sigterm_back(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """With ``stop_on_interrupt`` (the CLI's), Ctrl-C stops after the batch while training; once a fit has failed, it
+    raises KeyboardInterrupt again. (Lightning puts back every handler it found when it registered its own, after the
+    callbacks' ``on_exception``: one installed before that outlived the fit, and a later Ctrl-C in that notebook or
+    in-process CLI raised SIGTERM, which killed the process.)"""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    watch = WatchSigint()
+    with pytest.raises(RuntimeError, match="a bug in the user's code"):
+        small_fit(tmp_path, tiny_vit, food101_dir, [AdapterCheckpoint(dirpath=str(tmp_path / "ckpt"), stop_on_interrupt=True), watch, FailAfterBatch()])
+    assert getattr(watch.during, "__name__", None) == "_stop_after_this_batch"  # Ctrl-C stops after the batch while training
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_adapter_checkpoint_leaves_signals_and_random_state_alone(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     handler = signal.getsignal(signal.SIGINT)
     watch = WatchSigint()
