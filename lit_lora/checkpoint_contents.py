@@ -67,35 +67,44 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def gradients_to_save(module: torch.nn.Module) -> dict[str, Any]:
-    """The accumulated gradients of every process, for a checkpoint (a collective: every process calls it).
+def gradients_to_save(module: torch.nn.Module, accumulate_grad_batches: int) -> dict[str, Any]:
+    """The accumulated gradients of every process, for a checkpoint (a collective: every process calls it), and the
+    window they belong to (``accumulate_grad_batches``).
 
     Under DDP the processes accumulate different gradients between optimizer steps (no all-reduce until the step),
     so each process's own are saved, in rank order."""
     own = {name: grad.cpu() for name, grad in gradients(module).items()}
     rank, world = _distributed()
-    if world == 1:
-        return {"per_rank": [own]}
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, own)
-    return {"per_rank": gathered}
+    gathered: list[Any] = [own]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, own)
+    return {"per_rank": gathered, "accumulate_grad_batches": accumulate_grad_batches}
 
 
-def saved_gradients_for_this_process(saved: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def saved_gradients_for_this_process(saved: Mapping[str, Any], accumulate_grad_batches: int) -> dict[str, torch.Tensor]:
     """This process's share of what `gradients_to_save` wrote (or an older single-process checkpoint's gradients).
 
+    Args:
+        saved: the checkpoint's ``accumulated_gradients``.
+        accumulate_grad_batches: this run's batches per optimizer step.
+
     Raises:
-        ValueError: the checkpoint was saved inside an accumulation window by another number of processes.
+        ValueError: the checkpoint was saved inside an accumulation window by another number of processes, or with
+            another number of batches per window (each batch's loss is divided by it: the window's step would weigh
+            the saved and the new batches differently).
     """
     if "per_rank" not in saved:
         return dict(saved)
     rank, world = _distributed()
     per_rank = saved["per_rank"]
-    if len(per_rank) != world:
+    window = int(saved.get("accumulate_grad_batches", accumulate_grad_batches))  # older checkpoints: unknown, taken as this run's
+    if (len(per_rank), window) != (world, accumulate_grad_batches):
         raise ValueError(
-            f"this checkpoint was saved inside a gradient-accumulation window by {len(per_rank)} process(es), and this "
-            f"run has {world}: the partial gradients cannot be split differently. Resume with "
-            f"{len(per_rank)} process(es), or from a checkpoint written at the end of an epoch (epoch=*.ckpt)."
+            f"this checkpoint was saved inside a gradient-accumulation window, by {len(per_rank)} process(es) accumulating "
+            f"{window} batches per optimizer step, and this run has {world} accumulating {accumulate_grad_batches}: the "
+            f"partial gradients cannot be carried into another window. Resume with {len(per_rank)} process(es) and "
+            f"trainer.accumulate_grad_batches {window}, or from a checkpoint written at the end of an epoch (epoch=*.ckpt)."
         )
     return dict(per_rank[rank])
 

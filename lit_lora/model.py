@@ -350,7 +350,7 @@ class LoRAImageClassifier(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
-            checkpoint["accumulated_gradients"] = gradients_to_save(self)  # every process's own
+            checkpoint["accumulated_gradients"] = gradients_to_save(self, self.trainer.accumulate_grad_batches)  # every process's own
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``
@@ -365,7 +365,7 @@ class LoRAImageClassifier(pl.LightningModule):
             if "rng_states" in checkpoint:
                 set_torch_rng_states(checkpoint["rng_states"])
             saved = checkpoint.get("accumulated_gradients")
-            self._gradients_to_restore = saved_gradients_for_this_process(saved) if saved else None
+            self._gradients_to_restore = saved_gradients_for_this_process(saved, self.trainer.accumulate_grad_batches) if saved else None
 
     def _fit_is_resuming(self) -> bool:
         try:

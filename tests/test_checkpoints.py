@@ -193,6 +193,10 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(
     # 5 batches per epoch: steps after batches 4 and 5; then 2 (mid-window) or 4 (a whole window) of epoch 1.
     assert interrupted["global_step"] == 2 + batches_done // 4
     assert ("accumulated_gradients" in interrupted) == (batches_done % 4 != 0)
+    if batches_done % 4 and start_method == "fork":  # its 2 batches' gradients belong to a window of 4, each loss divided by 4
+        with pytest.raises(ValueError, match=r"inside a gradient-accumulation window, by 1 process\(es\) accumulating 4 .* this run has 1 accumulating 2"):
+            fit(tmp_path / "stopped", monkeypatch, [*args, "--trainer.accumulate_grad_batches=2"], f"--ckpt_path={last}")
+        assert torch.load(last, weights_only=True)["global_step"] == interrupted["global_step"]  # refused before any step
     fit(tmp_path / "stopped", monkeypatch, args, f"--ckpt_path={last}")  # with 0 workers: the state is any count's
 
     assert_same_training_state(straight_accumulating_run / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=6)

@@ -446,10 +446,10 @@ def test_unreadable_training_images_are_replaced_so_no_batch_is_empty(tmp_path: 
 def test_a_checkpoint_saved_mid_window_by_two_processes_is_refused_by_one() -> None:
     from lit_lora.checkpoint_contents import saved_gradients_for_this_process
 
-    saved = {"per_rank": [{"w": torch.ones(2)}, {"w": torch.full((2,), 2.0)}]}  # as two processes save it
-    with pytest.raises(ValueError, match=r"saved inside a gradient-accumulation window by 2 process\(es\), and this run has 1"):
-        saved_gradients_for_this_process(saved)  # this test process is one process: refused, not mixed up
-    assert torch.equal(saved_gradients_for_this_process({"per_rank": [{"w": torch.ones(2)}]})["w"], torch.ones(2))
+    saved = {"per_rank": [{"w": torch.ones(2)}, {"w": torch.full((2,), 2.0)}], "accumulate_grad_batches": 4}  # as two processes save it
+    with pytest.raises(ValueError, match=r"by 2 process\(es\) accumulating 4 batches per optimizer step, and this run has 1 accumulating 4"):
+        saved_gradients_for_this_process(saved, 4)  # this test process is one process: refused, not mixed up
+    assert torch.equal(saved_gradients_for_this_process({"per_rank": [{"w": torch.ones(2)}]}, 4)["w"], torch.ones(2))
 
 
 class FailAtBatch(pl.Callback):
