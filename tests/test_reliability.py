@@ -175,7 +175,10 @@ def forks_of_this_process() -> set[int]:
 
 # optimize with each image taking 0.2 s more: a write that is still going on a second after it started.
 SLOW_OPTIMIZE = """
-import sys, time
+import signal, sys, time
+# Ctrl-C raises KeyboardInterrupt, as in a terminal's foreground job. Python keeps SIGINT ignored when it starts with it
+# ignored, as everything started in the background by a non-interactive shell does (a test run started with "&").
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import lit_lora.optimized as optimized
 write = optimized.WriteImage.__call__
 optimized.WriteImage.__call__ = lambda self, row: (time.sleep(1), write(self, row))[1]  # the train split: 20 s
