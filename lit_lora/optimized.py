@@ -115,6 +115,16 @@ def table_fingerprint(table: ImageTable) -> str:
     return digest.hexdigest()
 
 
+def images_digest(table: ImageTable, root: str | None) -> str:
+    """A digest of the table's images and labels, in order, that does not depend on where the files are (what a
+    resumed fit compares): file paths relative to ``root``, the data folder; `datasets` rows as ``split[row]``."""
+    digest = hashlib.sha1()
+    for row, label in enumerate(table.labels):
+        name = table.describe(row)
+        digest.update(f"{os.path.relpath(name, root) if root and isinstance(table, FileTable) else name}\t{label}\n".encode())
+    return digest.hexdigest()[:24]
+
+
 def fingerprint(tables: dict[str, ImageTable], class_names: list[str], settings: ImageSettings, train_side: int) -> str:
     """What an optimized dataset was built from: the images of each split, the labels and the pixel settings."""
     digest = hashlib.sha1(f"lit_lora-optimized-{FORMAT}\t{train_side}\t{settings}\t{class_names}".encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,6 +35,13 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     first = fit(tmp_path / "resumed", monkeypatch, args, "--trainer.max_epochs=2", "--trainer.callbacks+=test_checkpoints.StopAfterFirstEpoch")
     assert first.trainer.current_epoch == 1 and first.trainer.global_step == 3
     last = Path(first.trainer.checkpoint_callback.last_model_path).resolve()
+    if workers == 0:
+        # Another split of the images: refused before anything trains (its epochs and best checkpoint would mix two).
+        with pytest.raises(ValueError, match=r"trained with other training and validation images than this run selects"):
+            fit(tmp_path / "resumed", monkeypatch, args, "--trainer.max_epochs=2", "--data.seed=7", f"--ckpt_path={last}")
+        # The same images in another folder (a preempted job restarted on another node): resumed, exactly.
+        shutil.copytree(food101_dir, tmp_path / "moved")
+        args += [f"--data.data_dir={tmp_path / 'moved'}"]
     resumed = fit(tmp_path / "resumed", monkeypatch, args, "--trainer.max_epochs=2", f"--ckpt_path={last}")
 
     assert resumed.trainer.global_step == straight.trainer.global_step == 6  # 36 images / 8 = 5 batches -> 3 steps

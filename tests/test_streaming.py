@@ -289,6 +289,21 @@ def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tm
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(again, rest))
     with pytest.raises(ValueError, match=r"saved while training on other data than .*other/train .*start a new fit"):
         training_loader(tmp_path / "other", val_size=0.5).load_state_dict(state)
+    # A fit resumed on the other split is refused by the data module too, before any batch, at an epoch's end as well.
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    def fit_module(folder: Path, val_size: float = 0.25) -> Food101DataModule:
+        module = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=val_size, image_processor=tiny_vit, optimized_dir=str(folder), num_workers=0)
+        module.setup("fit")
+        module.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        module.trainer.state.fn = TrainerFn.FITTING
+        return module
+
+    saved = fit_module(tmp_path / "here").state_dict()
+    fit_module(tmp_path / "there").load_state_dict(saved)  # the copy: the same images
+    with pytest.raises(ValueError, match=r"trained with other training and validation images than this run selects"):
+        fit_module(tmp_path / "other", val_size=0.5).load_state_dict(saved)
     files = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=0)
     files.setup("fit")
     with pytest.raises(ValueError, match=r"saved while training on other data than these image files \(an optimized dataset\)"):
