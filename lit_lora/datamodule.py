@@ -583,11 +583,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         ours = self._fit_images() if saved and self.trainer is not None and self.trainer.state.fn == "fit" else None
         changed = [name for split, name in (("train", "training"), ("val", "validation")) if ours and saved.get(split) != ours.get(split)]
         if changed:
+            weights = Path(self.trainer.ckpt_path).parent / "adapter-last" if self.trainer.ckpt_path else "<its run folder>/adapter-last"
             raise ValueError(
                 f"this checkpoint was trained with other {' and '.join(changed)} images than this run selects (data_dir, dataset, "
                 "train_split, val_size, val_split or seed changed, or images were added, removed or relabelled): its epochs and best "
                 "checkpoint would mix two splits, and a new validation share may hold images it trained on. Resume with the data "
-                "settings in that run's config.yaml, or start a new fit from its weights with --ckpt_path <its run folder>/adapter-last."
+                f"settings in that run's config.yaml, or start a new fit from its weights with --ckpt_path {weights}."
             )
 
 
