@@ -230,7 +230,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         if isinstance(exception, KeyboardInterrupt):
             kept = f"{path} (step {_saved_step(path)}) is the latest checkpoint" if os.path.isfile(path) else "no checkpoint was written"
-            when = "second Ctrl-C" if self._interrupts.signal_name == "SIGINT" else "Ctrl-C before training started"
+            first = "Ctrl-C before training started" if self.stop_on_interrupt else "Ctrl-C"  # else it stops after the batch
+            when = "second Ctrl-C" if self._interrupts.signal_name == "SIGINT" else first
             log.info(f"\n[lit_lora] stopped at once ({when}): nothing saved; {kept}.")
             return
         if not isinstance(exception, SIGTERMException):
