@@ -90,9 +90,9 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     litdata's state names the folder the chunks were read from, and refuses to resume from any other: a preempted run
     resumed on a node whose ``LITDATA_CACHE_DIR`` differs, or on a local dataset copied elsewhere, would stop in a loader
     worker. When the saved state's URL and chunks are this dataset's, the folder is taken to be this one's; a state
-    saved on other data (another dataset, or image files) is refused in one line. A run resumed mid-epoch with a batch size
-    or number of processes that Lightning would end the epoch early with is refused, as on image files
-    (`check_rest_of_epoch`). ``saved_state``: see
+    saved on other data (another dataset, or image files) is refused in one line. A run resumed mid-epoch on another number
+    of processes is refused (image files allow it), and so is one with a batch size that Lightning would end the epoch
+    early with, as on image files (`check_rest_of_epoch`). ``saved_state``: see
     `ImageClassificationDataModule.state_dict`.
     """
 
@@ -132,6 +132,15 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         else:
             processes = dataset.distributed_env.world_size
             resumed = {"batches": position["batches"], "batch_size": int(saved["batch_size"]), "processes": int(saved["world_size"])}
+            if resumed["processes"] != processes:
+                # litdata 0.2.76 drops an epoch's last items to even out processes (drop_last, on for more than one) and
+                # rebuilds the saved epoch's order without them: another count repeats and skips images (measured), or
+                # stops on its "drop_last state doesn't match" error.
+                raise ValueError(
+                    f"the checkpoint was saved {position['batches']} batches into an epoch of optimized data on {resumed['processes']} "
+                    f"process(es), and this run has {processes}: litdata cannot go on with that epoch on another number of processes. "
+                    f"Resume on {resumed['processes']} process(es), or from a checkpoint written at the end of an epoch."
+                )
             if position["batches"] and (resumed["batch_size"], resumed["processes"]) != (self.batch_size, processes):
                 left = len(dataset) - math.ceil(int(saved.get("sample_in_epoch", 0)) / processes)  # len: this process's share
                 check_rest_of_epoch(resumed, left, len(self), self.batch_size, processes)

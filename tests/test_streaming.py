@@ -398,6 +398,22 @@ def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path,
     assert first + [batch["index"].tolist() for batch in resumed] == whole
 
 
+def test_a_streamed_epoch_preempted_on_two_processes_is_not_resumed_on_one(tmp_path: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 processes, preempted 2 batches into an epoch of optimized data, resumed on 1 process (a smaller allocation):
+    refused in one line before any batch. (Resumed, litdata 0.2.76 stopped with its own "drop_last state doesn't match"
+    ValueError; with that check passed, it repeated 4 of the epoch's 36 images and skipped 4.)"""
+    args = [*common_args(tiny_vit, food101_dir), f"--data.optimized_dir={tmp_path / 'optimized'}", "--trainer.max_epochs=1", "--data.batch_size=4"]
+    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.epoch=0", "--trainer.callbacks.init_args.batch=1",
+            "--trainer.callbacks.init_args.rank=1"]
+    stopped = run_cli(["fit", *args, *DDP, *stop], tmp_path, check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"saved 2 batches into an epoch of optimized data on 2 process\(es\), and this run has 1: .*Resume on 2 process\(es\)"):
+        cli_main(["fit", *args, "--data.batch_size=8", f"--ckpt_path={last}"])
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
+
+
 class ImagesPerEpoch(__import__("lightning").pytorch.Callback):
     """Records the index of every training image, per epoch."""
 
