@@ -485,6 +485,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             # shuffle and crop as in the first epoch every time. It starts where a kept one would be.
             if train and self.trainer is not None:
                 loader.current_epoch = self.trainer.current_epoch
+                per_epoch, total = len(table) * self.trainer.world_size, self.optimized_manifest()["splits"]["train"]  # len: one share
+                if per_epoch < total:  # litdata's drop_last, on with more than one process
+                    log.info(
+                        f"[lit_lora] litdata trains {per_epoch} of the {total} training images each epoch on {self.trainer.world_size} processes "
+                        "(the same number of batches for each; the images left out differ from epoch to epoch)"
+                    )
         else:
             loader = self._file_loader(table, train, common)
         if train:

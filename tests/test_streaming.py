@@ -92,6 +92,7 @@ def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str
     fitted = run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_streaming.RecordImages"], tmp_path)
     assert f"{food101_on_s3}: 36 train / 12 validation images" in fitted.stdout + fitted.stderr  # the dataset's, not one process's share
     said = fitted.stdout + fitted.stderr
+    assert said.count("litdata trains 32 of the 36 training images each epoch on 2 processes") == 1  # said once, not per process or epoch
     assert "sync_dist=True" not in said  # train/images_per_sec is reduced across processes, no warning
     assert "disabled the `drop_last` option" not in said and "Seed set to" not in said  # litdata on the evaluation split; process 1's seed line
     run = tmp_path / "checkpoints" / "run" / "version_0"
