@@ -141,7 +141,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                     f"process(es), and this run has {processes}: litdata cannot go on with that epoch on another number of processes. "
                     f"Resume on {resumed['processes']} process(es), or from a checkpoint written at the end of an epoch."
                 )
-            if position["batches"] and (resumed["batch_size"], resumed["processes"]) != (self.batch_size, processes):
+            if position["batches"] and resumed["batch_size"] != self.batch_size:
                 left = len(dataset) - math.ceil(int(saved.get("sample_in_epoch", 0)) / processes)  # len: this process's share
                 check_rest_of_epoch(resumed, left, len(self), self.batch_size, processes)
             self._resumed_batches = position["batches"]
