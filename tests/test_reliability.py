@@ -173,7 +173,7 @@ def forks_of_this_process() -> set[int]:
     return processes_running(Path("/proc/self/cmdline").read_bytes())
 
 
-# optimize with each image taking 0.2 s more: a write that is still going on a second after it started.
+# optimize with each image taking 1 s more: a write that is still going on a second after it started.
 SLOW_OPTIMIZE = """
 import signal, sys, time
 # Ctrl-C raises KeyboardInterrupt, as in a terminal's foreground job. Python keeps SIGINT ignored when it starts with it
