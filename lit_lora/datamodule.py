@@ -479,12 +479,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if not isinstance(table, ImageTable):  # an optimized split
             from lit_lora.streaming import ResumableStreamingDataLoader
 
+            if train and self.trainer is not None and (isinstance(self.trainer.limit_train_batches, int) or self.trainer.limit_train_batches < 1):
+                # litdata's workers go on to the next epoch only when they run out of items: kept alive through the epochs
+                # that Lightning ends early, they would serve every epoch the first one's images and crops.
+                common["persistent_workers"] = False
             # litdata gives each process and worker its share (every evaluation image once across processes).
             loader = ResumableStreamingDataLoader(table, **common)
             # litdata counts epochs in its loader: one made anew during fit (reload_dataloaders_every_n_epochs) would
             # shuffle and crop as in the first epoch every time. It starts where a kept one would be.
             if train and self.trainer is not None:
-                loader.current_epoch = self.trainer.current_epoch
+                loader.current_epoch, loader.trainer = self.trainer.current_epoch, self.trainer
                 per_epoch, total = len(table) * self.trainer.world_size, self.optimized_manifest()["splits"]["train"]  # len: one share
                 if per_epoch < total:  # litdata's drop_last, on with more than one process
                     log.info(

@@ -97,6 +97,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     """
 
     saved_state: dict[str, Any] | None = None
+    trainer: Any = None  # the Lightning trainer it trains (set by the data module): its epochs can be shorter than the loader
     _state_loaded = False
     _position = {"batches": 0, "epoch_done": False}  # of the current pass, saved beside litdata's state
     _resumed_batches = 0  # batches of the epoch a loaded state stopped in, for the next pass's count
@@ -112,7 +113,10 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._position["epoch_done"] = True
 
     def state_dict(self) -> dict[str, Any]:
-        done = self._position["epoch_done"] or self._position["batches"] >= len(self)  # Lightning does not fetch past the last
+        # Lightning fetches no batch past an epoch's last: its own (limit_train_batches) or the loader's. An epoch it ended
+        # early, resumed, would go on with the images after its last batch instead of starting the next epoch.
+        epoch = min(len(self), getattr(self.trainer, "num_training_batches", math.inf))
+        done = self._position["epoch_done"] or self._position["batches"] >= epoch
         return {**super().state_dict(), "lit_lora": {"batches": self._position["batches"], "epoch_done": done}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

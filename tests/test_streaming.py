@@ -371,6 +371,34 @@ def test_loaders_made_anew_every_epoch_give_the_batches_of_kept_ones(source: str
     assert runs[1] == runs[0]
 
 
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_the_next_epoch(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """``limit_train_batches``: Lightning ends each epoch before the loader runs out. Every epoch is a new draw (litdata's
+    persistent workers served the first epoch's images and crops every epoch), and resumed from an epoch's end, the next
+    epoch trains what an uninterrupted run's does (litdata went on with the ended epoch's later images)."""
+    import lightning.pytorch as pl
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=1)
+    if source == "optimized":
+        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+
+    def fit(epochs: int, folder: str, ckpt_path: str | None = None) -> dict[int, list[int]]:
+        record, data = ImagesPerEpoch(), Food101DataModule(**settings)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=epochs, limit_val_batches=0,
+                             limit_train_batches=2, callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None)])
+        trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        return record.seen
+
+    whole = fit(2, "whole")
+    assert len(whole[0]) == len(whole[1]) == 8 and whole[0] != whole[1]
+    fit(1, "stopped")
+    resumed = fit(2, "resumed", str(tmp_path / "stopped" / "last.ckpt"))
+    assert list(resumed) == [1] and len(resumed[1]) == 8 and resumed[1] == whole[1]
+
+
 def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """litdata resumes the interrupted epoch exactly with any worker count (checked here), but orders the later ones by
     the count, which defaults to the machine's cores: a resume on another kind of node says so, and how to keep the
