@@ -432,7 +432,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 OPTIMIZE_OPTIONS = {
-    "output_dir": "folder or URL (s3://bucket/prefix) to write the optimized dataset to (required)",
+    "output_dir": "folder or URL (s3://bucket/prefix) to write the optimized dataset to; by default data.optimized_dir, where fit reads it",
     "overwrite": "replace an optimized dataset of other images or settings there",
 }
 
@@ -443,7 +443,7 @@ class OptimizeCLI(LitLoRACLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--output_dir", required=True, help=OPTIMIZE_OPTIONS["output_dir"])
+        parser.add_argument("--output_dir", type=str | None, default=None, help=OPTIMIZE_OPTIONS["output_dir"])
         parser.add_argument("--overwrite", type=bool, default=False, help=OPTIMIZE_OPTIONS["overwrite"])
 
     def instantiate_classes(self) -> None:
@@ -451,8 +451,10 @@ class OptimizeCLI(LitLoRACLI):
         problems = []
         if not data.get("data_dir") and not data.get("dataset"):
             problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
-        output_dir = str(self.config.output_dir)
-        if not optimized_is_url(output_dir):
+        output_dir = self.config.output_dir or data.get("optimized_dir")  # a config that fit reads optimized data with
+        if not output_dir:
+            problems.append("nowhere to write: set --output_dir (a folder or s3:// URL), or data.optimized_dir")
+        elif not optimized_is_url(output_dir):
             problems += output_folder_problems([("--output_dir", Path(output_dir).expanduser())])
         if problems:
             raise ValueError(f"{len(problems)} problem(s) in the configuration, found before loading anything:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -61,6 +61,17 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit:
     assert default.train_table.max_cache_size is None
 
 
+def test_optimize_writes_where_the_config_reads_optimized_data_by_default(tmp_path: Path, tiny_vit: str, food101_dir: str, run_main) -> None:
+    """A config that fits on ``data.optimized_dir`` optimizes into it without ``--output_dir``; with neither, the missing
+    destination is reported with the configuration's other problems."""
+    code, _, err = run_main(["optimize", *data_args(tiny_vit, food101_dir), f"--data.optimized_dir={tmp_path / 'optimized'}"])
+    assert code == 0, err[-2000:]
+    assert read_manifest(str(tmp_path / "optimized"))["state"] == "complete"
+    code, _, err = run_main(["optimize", f"--model.model_name_or_path={tiny_vit}", "--data.dataset=null"])
+    assert code == 1 and "2 problem(s) in the configuration" in err
+    assert "nowhere to write: set --output_dir (a folder or s3:// URL), or data.optimized_dir" in err and "no data: set data.data_dir" in err
+
+
 def test_a_url_whose_endpoint_refuses_fails_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     """A wrong port in the endpoint: one line naming the URL within seconds (litdata's client alone retried for
     minutes without a word). In a thread, so that a hang fails the test instead of stopping the suite."""
