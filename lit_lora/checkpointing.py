@@ -212,6 +212,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         state = super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking:
             restart_validation_on_resume(checkpoint)
+        elif trainer.state.fn == "fit" and not trainer.sanity_checking:
+            continue_a_shortened_epoch_on_resume(checkpoint, trainer.num_training_batches)
         return state
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -258,6 +260,25 @@ def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
     progress["total"] = {key: before[key] + progress["current"][key] for key in progress["current"]}
     progress["is_last_batch"] = False
+
+
+def continue_a_shortened_epoch_on_resume(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
+    """Make a checkpoint written after Lightning ended an epoch before its last batch (``max_steps`` or ``max_time``
+    reached, a callback's ``should_stop``) resume inside that epoch, after its last trained batch, as a checkpoint
+    written on SIGTERM does. As saved, Lightning resumes it as the next epoch but counts that epoch's batches on from
+    the saved count: a fit continued with a larger ``max_steps`` trained the rest of the ended epoch's images under the
+    next epoch's number (optimized data), or skipped them and the start of the next epoch (image files, whose order
+    follows the epoch number). Rewound to "epoch started, not finished", Lightning continues the epoch (its own
+    restart-mid-epoch path). ``loops`` is the checkpoint's documented loop state."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or batches.get("is_last_batch") or batches["current"]["ready"] >= batches_per_epoch:
+        return
+    if epochs["current"]["processed"] != epochs["current"]["started"]:  # saved inside the epoch: already resumes there
+        return
+    for part in ("current", "total"):
+        epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+    checkpoint["epoch"] = epochs["current"]["processed"]
 
 
 def _saved_step(path: str) -> Any:

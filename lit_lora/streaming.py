@@ -101,11 +101,18 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     _state_loaded = False
     _position = {"batches": 0, "epoch_done": False}  # of the current pass, saved beside litdata's state
     _resumed_batches = 0  # batches of the epoch a loaded state stopped in, for the next pass's count
+    _replaying = False  # this pass goes on from a loaded state
 
     def __iter__(self) -> Any:
         if self.saved_state is not None and not self._state_loaded:
             self.load_state_dict(self.saved_state)
         self.saved_state = None
+        if self._replaying:
+            # litdata leaves its loaded state on (``restore``) until a pass runs out, and Lightning asks a loader with a
+            # length for no batch after the epoch's last: the next pass replayed the loaded state's end, an epoch of
+            # nothing without loader workers; with workers, it left the loader's epoch count one behind.
+            self.restore = False
+        self._replaying = self.restore
         self._position, self._resumed_batches = {"batches": self._resumed_batches, "epoch_done": False}, 0
         for batch in super().__iter__():
             self._position["batches"] += 1

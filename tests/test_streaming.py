@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import socket
@@ -408,6 +409,66 @@ def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_the_next_epoch
     fit(1, "stopped")
     resumed = fit(2, "resumed", str(tmp_path / "stopped" / "last.ckpt"))
     assert list(resumed) == [1] and len(resumed[1]) == 8 and resumed[1] == whole[1]
+
+
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_a_fit_continued_with_a_larger_max_steps_trains_what_one_fit_would(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """``max_steps`` 3 ends the first epoch after 3 of its batches; continued to 10 steps from its last.ckpt, the fit
+    trains the rest of that epoch, then the next, image for image as one fit to 10 steps (Lightning resumed it as the
+    next epoch from batch 3: image files skipped the ended epoch's other images and the next one's first 12)."""
+    import lightning.pytorch as pl
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=0)
+    if source == "optimized":
+        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+
+    def fit(steps: int, folder: str, ckpt_path: str | None = None) -> dict[int, list[int]]:
+        record, data = ImagesPerEpoch(), Food101DataModule(**settings)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=steps, limit_val_batches=0,
+                             callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None)])
+        trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        return record.seen
+
+    whole = fit(10, "whole")
+    first = fit(3, "first")
+    rest = fit(10, "continued", str(tmp_path / "first" / "last.ckpt"))
+    assert list(whole) == [0, 1] and list(first) == [0] and list(rest) == [0, 1]
+    assert first[0] + rest[0] == whole[0] and rest[1] == whole[1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_streamed_fit_preempted_in_two_epochs_trains_what_one_fit_would(workers: int, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """SIGTERM 3 batches into epoch 0, resumed, SIGTERM 3 batches into epoch 1, resumed: every epoch trains the images of
+    the run straight through, in its order. litdata keeps a loaded state on until a pass runs out, which Lightning does
+    not make it do: without loader workers the epoch after a resumed one trained nothing; with workers, the second
+    resume went on in the first epoch's order."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from test_checkpoints import SignalAtBatch
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=workers)
+    Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+    settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+
+    def fit(folder: str, ckpt_path: str | None = None, *callbacks: Any) -> dict[int, list[int]]:
+        record, data = ImagesPerEpoch(), Food101DataModule(**settings)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=3, limit_val_batches=0,
+                             callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None), *callbacks])
+        with contextlib.suppress(SIGTERMException):
+            trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        return record.seen
+
+    whole = fit("whole")
+    runs = [fit("stopped", None, SignalAtBatch(batch=2, epoch=0))]
+    runs.append(fit("stopped-again", str(tmp_path / "stopped" / "last.ckpt"), SignalAtBatch(batch=2, epoch=1)))
+    runs.append(fit("resumed", str(tmp_path / "stopped-again" / "last.ckpt")))
+    assert [len(whole[epoch]) for epoch in whole] == [36, 36, 36] and whole[0] != whole[1] != whole[2]
+    assert {epoch: sum((run.get(epoch, []) for run in runs), []) for epoch in whole} == whole
 
 
 def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
