@@ -383,31 +383,51 @@ def test_loaders_made_anew_every_epoch_give_the_batches_of_kept_ones(source: str
     assert runs[1] == runs[0]
 
 
+class ImagesPerEpoch(__import__("lightning").pytorch.Callback):
+    """Records the index of every training image, per epoch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+
+
+def fit_settings(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str, **options: Any) -> dict[str, Any]:
+    """Data-module settings of the tests' images: the image files, or (``source`` "optimized") an optimized copy."""
+    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, **options)
+    if source == "optimized":
+        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
+        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
+    return settings
+
+
+def fit_recording_images(settings: dict[str, Any], folder: Path, ckpt_path: Path | None = None, *callbacks: Any, **trainer_options: Any) -> dict[int, list[int]]:
+    """Fit the tiny ViT of ``settings`` without validation, checkpoints in ``folder``; return each epoch's training images.
+    A SIGTERM (`SignalAtBatch`) ends it as it ends a preempted run, with last.ckpt written."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    record, data = ImagesPerEpoch(), Food101DataModule(**settings)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[record, AdapterCheckpoint(dirpath=str(folder), monitor=None), *callbacks], **trainer_options)
+    with contextlib.suppress(SIGTERMException):
+        trainer.fit(LoRAImageClassifier(settings["image_processor"], class_names=data.class_names), data, ckpt_path=ckpt_path)
+    return record.seen
+
+
 @pytest.mark.parametrize("source", ["optimized", "files"])
 def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_the_next_epoch(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """``limit_train_batches``: Lightning ends each epoch before the loader runs out. Every epoch is a new draw (litdata's
     persistent workers served the first epoch's images and crops every epoch), and resumed from an epoch's end, the next
     epoch trains what an uninterrupted run's does (litdata went on with the ended epoch's later images)."""
-    import lightning.pytorch as pl
-
-    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
-
-    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=1)
-    if source == "optimized":
-        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
-        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
-
-    def fit(epochs: int, folder: str, ckpt_path: str | None = None) -> dict[int, list[int]]:
-        record, data = ImagesPerEpoch(), Food101DataModule(**settings)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=epochs, limit_val_batches=0,
-                             limit_train_batches=2, callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None)])
-        trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
-        return record.seen
-
-    whole = fit(2, "whole")
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=1)
+    whole = fit_recording_images(settings, tmp_path / "whole", max_epochs=2, limit_train_batches=2)
     assert len(whole[0]) == len(whole[1]) == 8 and whole[0] != whole[1]
-    fit(1, "stopped")
-    resumed = fit(2, "resumed", str(tmp_path / "stopped" / "last.ckpt"))
+    fit_recording_images(settings, tmp_path / "stopped", max_epochs=1, limit_train_batches=2)
+    resumed = fit_recording_images(settings, tmp_path / "resumed", tmp_path / "stopped" / "last.ckpt", max_epochs=2, limit_train_batches=2)
     assert list(resumed) == [1] and len(resumed[1]) == 8 and resumed[1] == whole[1]
 
 
@@ -416,25 +436,10 @@ def test_a_fit_continued_with_a_larger_max_steps_trains_what_one_fit_would(sourc
     """``max_steps`` 3 ends the first epoch after 3 of its batches; continued to 10 steps from its last.ckpt, the fit
     trains the rest of that epoch, then the next, image for image as one fit to 10 steps (Lightning resumed it as the
     next epoch from batch 3: image files skipped the ended epoch's other images and the next one's first 12)."""
-    import lightning.pytorch as pl
-
-    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
-
-    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=0)
-    if source == "optimized":
-        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
-        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
-
-    def fit(steps: int, folder: str, ckpt_path: str | None = None) -> dict[int, list[int]]:
-        record, data = ImagesPerEpoch(), Food101DataModule(**settings)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=steps, limit_val_batches=0,
-                             callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None)])
-        trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
-        return record.seen
-
-    whole = fit(10, "whole")
-    first = fit(3, "first")
-    rest = fit(10, "continued", str(tmp_path / "first" / "last.ckpt"))
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=0)
+    whole = fit_recording_images(settings, tmp_path / "whole", max_steps=10)
+    first = fit_recording_images(settings, tmp_path / "first", max_steps=3)
+    rest = fit_recording_images(settings, tmp_path / "continued", tmp_path / "first" / "last.ckpt", max_steps=10)
     assert list(whole) == [0, 1] and list(first) == [0] and list(rest) == [0, 1]
     assert first[0] + rest[0] == whole[0] and rest[1] == whole[1]
 
@@ -445,28 +450,13 @@ def test_a_streamed_fit_preempted_in_two_epochs_trains_what_one_fit_would(worker
     the run straight through, in its order. litdata keeps a loaded state on until a pass runs out, which Lightning does
     not make it do: without loader workers the epoch after a resumed one trained nothing; with workers, the second
     resume went on in the first epoch's order."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from test_checkpoints import SignalAtBatch
 
-    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
-
-    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4, num_workers=workers)
-    Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
-    settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
-
-    def fit(folder: str, ckpt_path: str | None = None, *callbacks: Any) -> dict[int, list[int]]:
-        record, data = ImagesPerEpoch(), Food101DataModule(**settings)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=3, limit_val_batches=0,
-                             callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None), *callbacks])
-        with contextlib.suppress(SIGTERMException):
-            trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
-        return record.seen
-
-    whole = fit("whole")
-    runs = [fit("stopped", None, SignalAtBatch(batch=2, epoch=0))]
-    runs.append(fit("stopped-again", str(tmp_path / "stopped" / "last.ckpt"), SignalAtBatch(batch=2, epoch=1)))
-    runs.append(fit("resumed", str(tmp_path / "stopped-again" / "last.ckpt")))
+    settings = fit_settings("optimized", tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=workers)
+    whole = fit_recording_images(settings, tmp_path / "whole", max_epochs=3)
+    runs = [fit_recording_images(settings, tmp_path / "stopped", None, SignalAtBatch(batch=2, epoch=0), max_epochs=3)]
+    runs.append(fit_recording_images(settings, tmp_path / "stopped-again", tmp_path / "stopped" / "last.ckpt", SignalAtBatch(batch=2, epoch=1), max_epochs=3))
+    runs.append(fit_recording_images(settings, tmp_path / "resumed", tmp_path / "stopped-again" / "last.ckpt", max_epochs=3))
     assert [len(whole[epoch]) for epoch in whole] == [36, 36, 36] and whole[0] != whole[1] != whole[2]
     assert {epoch: sum((run.get(epoch, []) for run in runs), []) for epoch in whole} == whole
 
@@ -515,54 +505,30 @@ def test_a_streamed_epoch_preempted_on_two_processes_is_not_resumed_on_one(tmp_p
     assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
 
 
-class ImagesPerEpoch(__import__("lightning").pytorch.Callback):
-    """Records the index of every training image, per epoch."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, list[int]] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
-
-
 @pytest.mark.parametrize("source", ["optimized", "files"])
 def test_a_resume_with_another_batch_size_trains_each_image_of_the_epoch_once_or_is_refused(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """Preempted with batches of 4, resumed with 2 (a smaller GPU), preempted and resumed again: the rest of the epoch is
     every image not yet trained, once (image files skipped 3 x 2 images instead of 3 x 4). Resumed with 8: refused, as Lightning
     counts the resumed epoch in batches and would end it 8 images early (litdata also repeated some). Resumed from the
     end of an epoch with 8: the next epoch is every image once (litdata trained none)."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from test_checkpoints import SignalAtBatch
 
-    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, num_workers=0)
 
-    settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, num_workers=0)
-    if source == "optimized":
-        Food101DataModule(**settings).optimize(str(tmp_path / "optimized"))
-        settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
-
-    def fit(batch_size: int, epochs: int, folder: str, ckpt_path: str | None = None, *callbacks: Any) -> dict[int, list[int]]:
-        record, data = ImagesPerEpoch(), Food101DataModule(**settings, batch_size=batch_size)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=epochs, limit_val_batches=0,
-                             callbacks=[record, AdapterCheckpoint(dirpath=str(tmp_path / folder), monitor=None), *callbacks])
-        try:
-            trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
-        except SIGTERMException:
-            pass
-        return record.seen
+    def fit(batch_size: int, epochs: int, folder: str, ckpt_path: Path | None = None, *callbacks: Any) -> dict[int, list[int]]:
+        return fit_recording_images({**settings, "batch_size": batch_size}, tmp_path / folder, ckpt_path, *callbacks, max_epochs=epochs)
 
     images = len(fit(4, 1, "whole")[0])
     first = fit(4, 1, "stopped", None, SignalAtBatch(batch=2, epoch=0))[0]
     assert len(first) == 12
-    second = fit(2, 1, "stopped-again", str(tmp_path / "stopped" / "last.ckpt"), SignalAtBatch(batch=4, epoch=0))[0]
+    second = fit(2, 1, "stopped-again", tmp_path / "stopped" / "last.ckpt", SignalAtBatch(batch=4, epoch=0))[0]
     assert len(second) == 4
-    rest = fit(2, 1, "resumed", str(tmp_path / "stopped-again" / "last.ckpt"))[0]  # image files skipped 5 x 2 images: 6 twice
+    rest = fit(2, 1, "resumed", tmp_path / "stopped-again" / "last.ckpt")[0]  # image files skipped 5 x 2 images: 6 twice
     assert sorted(first + second + rest) == sorted(set(first + second + rest)) and len(first + second + rest) == images
     with pytest.raises(ValueError, match=r"saved 3 batches into an epoch, with 4 images per batch on 1 process\(es\), and this run has 8 on 1: .*"
                        r"8 images early\. Resume with data.batch_size 4 on 1 process\(es\)"):
-        fit(8, 1, "refused", str(tmp_path / "stopped" / "last.ckpt"))
-    next_epoch = fit(8, 2, "next", str(tmp_path / "whole" / "last.ckpt"))
+        fit(8, 1, "refused", tmp_path / "stopped" / "last.ckpt")
+    next_epoch = fit(8, 2, "next", tmp_path / "whole" / "last.ckpt")
     assert list(next_epoch) == [1] and len(next_epoch[1]) == len(set(next_epoch[1])) == images
 
 
