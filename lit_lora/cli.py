@@ -169,14 +169,9 @@ def _looks_local(name: str) -> bool:
 
 def preflight_problems(subcommand: str, config: Any) -> list[str]:
     """Every problem that can be seen in the parsed configuration alone, so that all are reported at once."""
-    problems = []
     data, model = config.data, config.model
-    name = model.get("model_name_or_path") or ""
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        problems.append(f"model.model_name_or_path {name!r} is not a folder here (give a save_pretrained folder that exists, or a hub id)")
-    data_dir = data.get("data_dir")
-    if data_dir and not str(data_dir).startswith("demo://") and not Path(data_dir).expanduser().is_dir():
-        problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
+    name, data_dir = model.get("model_name_or_path") or "", data.get("data_dir")
+    problems = folder_problems(name, data_dir)
     streamed = data.get("optimized_dir")
     if not data_dir and not data.get("dataset") and not streamed and subcommand != "predict":
         problems.append("no data: set data.data_dir (a local folder), data.dataset (a `datasets` id or path) or data.optimized_dir")
@@ -205,6 +200,16 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += device_problems(trainer)
     problems += output_folder_problems(output_folders(subcommand, config))
     problems += hub_problems(name, data.get("dataset") if not data_dir and not streamed and subcommand != "predict" else None)
+    return problems
+
+
+def folder_problems(model_name_or_path: str, data_dir: str | None) -> list[str]:
+    """A model or data folder that is not there."""
+    problems = []
+    if _looks_local(model_name_or_path) and not Path(model_name_or_path).expanduser().is_dir():
+        problems.append(f"model.model_name_or_path {model_name_or_path!r} is not a folder here (give a save_pretrained folder that exists, or a hub id)")
+    if data_dir and not str(data_dir).startswith("demo://") and not Path(data_dir).expanduser().is_dir():
+        problems.append(f"data.data_dir {data_dir!r} does not exist or is not a folder")
     return problems
 
 
@@ -447,15 +452,21 @@ class OptimizeCLI(LitLoRACLI):
         parser.add_argument("--overwrite", type=bool, default=False, help=OPTIMIZE_OPTIONS["overwrite"])
 
     def instantiate_classes(self) -> None:
-        data = self.config.data
-        problems = []
+        data, name = self.config.data, self.config.model.get("model_name_or_path") or ""
+        problems = folder_problems(name, data.get("data_dir"))
         if not data.get("data_dir") and not data.get("dataset"):
             problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
+        workers = data.get("num_workers")
+        problems += settings_problems(
+            float(data.get("val_size", 0.1)), data.get("val_split"), int(data.get("batch_size") or 1), None if workers is None else int(workers),
+            prefix="data.", optimized_train_side=int(data.get("optimized_train_side", 256)),
+        )
         output_dir = self.config.output_dir or data.get("optimized_dir")  # a config that fit reads optimized data with
         if not output_dir:
             problems.append("nowhere to write: set --output_dir (a folder or s3:// URL), or data.optimized_dir")
         elif not optimized_is_url(output_dir):
             problems += output_folder_problems([("--output_dir", Path(output_dir).expanduser())])
+        problems += hub_problems(name, None if data.get("data_dir") else data.get("dataset"))
         if problems:
             raise ValueError(f"{len(problems)} problem(s) in the configuration, found before loading anything:\n" + "\n".join(f"  - {p}" for p in problems))
         self.datamodule = self.datamodule_class(**{k: v for k, v in data.as_dict().items() if k != "optimized_dir"})

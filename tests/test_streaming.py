@@ -64,13 +64,15 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit:
 
 def test_optimize_writes_where_the_config_reads_optimized_data_by_default(tmp_path: Path, tiny_vit: str, food101_dir: str, run_main) -> None:
     """A config that fits on ``data.optimized_dir`` optimizes into it without ``--output_dir``; with neither, the missing
-    destination is reported with the configuration's other problems."""
+    destination is reported with the configuration's other problems (before: one at a time, the model's first)."""
     code, _, err = run_main(["optimize", *data_args(tiny_vit, food101_dir), f"--data.optimized_dir={tmp_path / 'optimized'}"])
     assert code == 0, err[-2000:]
     assert read_manifest(str(tmp_path / "optimized"))["state"] == "complete"
-    code, _, err = run_main(["optimize", f"--model.model_name_or_path={tiny_vit}", "--data.dataset=null"])
-    assert code == 1 and "2 problem(s) in the configuration" in err
-    assert "nowhere to write: set --output_dir (a folder or s3:// URL), or data.optimized_dir" in err and "no data: set data.data_dir" in err
+    code, _, err = run_main(["optimize", f"--model.model_name_or_path={tmp_path / 'no-model'}", "--data.dataset=null", "--data.val_size=2", "--data.optimized_train_side=0"])
+    assert code == 1 and "5 problem(s) in the configuration" in err  # as fit reports them, all at once
+    for problem in ("nowhere to write: set --output_dir (a folder or s3:// URL), or data.optimized_dir", "no data: set data.data_dir", "no-model' is not a folder here",
+                    "data.val_size must be between 0 and 1", "data.optimized_train_side must be at least 1, got 0"):
+        assert problem in err
 
 
 def test_a_url_whose_endpoint_refuses_fails_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
