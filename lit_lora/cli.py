@@ -175,12 +175,7 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     streamed = data.get("optimized_dir")
     if not data_dir and not data.get("dataset") and not streamed and subcommand != "predict":
         problems.append("no data: set data.data_dir (a local folder), data.dataset (a `datasets` id or path) or data.optimized_dir")
-    batch_size, workers = data.get("batch_size"), data.get("num_workers")
-    problems += settings_problems(
-        float(data.get("val_size", 0.1)), data.get("val_split"), 1 if batch_size is None else int(batch_size),
-        None if workers is None else int(workers), prefix="data.", optimized_cache_size=data.get("optimized_cache_size"),
-        optimized_train_side=int(data.get("optimized_train_side", 256)) if streamed else None,
-    )
+    problems += data_settings_problems(data, optimized=bool(streamed))
     if data.get("eval_batch_size") is not None and int(data.get("eval_batch_size")) < 1:
         problems.append(f"data.eval_batch_size must be at least 1, got {data.get('eval_batch_size')}")
     if subcommand == "predict" and not data.get("predict_dir") and not streamed:
@@ -201,6 +196,16 @@ def preflight_problems(subcommand: str, config: Any) -> list[str]:
     problems += output_folder_problems(output_folders(subcommand, config))
     problems += hub_problems(name, data.get("dataset") if not data_dir and not streamed and subcommand != "predict" else None)
     return problems
+
+
+def data_settings_problems(data: Any, optimized: bool) -> list[str]:
+    """`settings_problems` of the configuration's data options; with ``optimized``, the optimized dataset's too."""
+    batch_size, workers = data.get("batch_size"), data.get("num_workers")
+    return settings_problems(
+        float(data.get("val_size", 0.1)), data.get("val_split"), 1 if batch_size is None else int(batch_size),
+        None if workers is None else int(workers), prefix="data.", optimized_cache_size=data.get("optimized_cache_size"),
+        optimized_train_side=int(data.get("optimized_train_side", 256)) if optimized else None,
+    )
 
 
 def folder_problems(model_name_or_path: str, data_dir: str | None) -> list[str]:
@@ -456,11 +461,7 @@ class OptimizeCLI(LitLoRACLI):
         problems = folder_problems(name, data.get("data_dir"))
         if not data.get("data_dir") and not data.get("dataset"):
             problems.append("no data: set data.data_dir (a local folder) or data.dataset (a `datasets` id or path)")
-        workers = data.get("num_workers")
-        problems += settings_problems(
-            float(data.get("val_size", 0.1)), data.get("val_split"), int(data.get("batch_size") or 1), None if workers is None else int(workers),
-            prefix="data.", optimized_train_side=int(data.get("optimized_train_side", 256)),
-        )
+        problems += data_settings_problems(data, optimized=True)
         output_dir = self.config.output_dir or data.get("optimized_dir")  # a config that fit reads optimized data with
         if not output_dir:
             problems.append("nowhere to write: set --output_dir (a folder or s3:// URL), or data.optimized_dir")
