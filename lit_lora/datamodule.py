@@ -380,7 +380,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 ) from err
 
         if stage in ("fit", "validate"):
-            self.train_table = stream("train", transform=train_transform(self.image_settings), shuffle=True)
+            self.train_table = stream("train", transform=train_transform(self.image_settings), shuffle=not self._overfitting())
             self.val_table = stream("val")
             sizes = manifest["splits"]  # not len(): under DDP, litdata's datasets have this process's share
             log.info(f"[lit_lora] {self.optimized_dir}: {sizes['train']} train / {sizes['val']} validation images")
@@ -497,7 +497,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                     )
         else:
             loader = self._file_loader(table, train, common)
-        if train:
+        if train and hasattr(loader, "state_dict"):  # not overfit_batches' plain loader
             loader.saved_state, self._saved_train_state = self._saved_train_state, None
             self._train_loader = loader
         return loader
@@ -505,9 +505,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _file_loader(self, table: ImageTable, train: bool, common: dict[str, Any]) -> DataLoader:
         transform = train_transform(self.image_settings, self.fast_decode) if train else eval_transform(self.image_settings, self.fast_eval_decode)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        if train:
+        resumable = train and not self._overfitting()
+        if resumable:
             sampler = SeededShuffleSampler(len(table), self.seed, num_replicas=world, rank=rank)
-        elif world > 1:
+        elif world > 1 and not train:
             # Evaluation under DDP: each image on exactly one process. Lightning's default DistributedSampler
             # would pad with repeated images to even out the shards, and count them twice in val/acc.
             sampler = UnrepeatedDistributedSampler(range(len(table)), num_replicas=world, rank=rank, shuffle=False)
@@ -517,10 +518,15 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             table, transform, self.on_bad_image, encoded=self.decode_on_device and not train, replace_unreadable=train,
             with_path=table is self.predict_table,
         )
-        return (ResumableDataLoader if train else DataLoader)(dataset, sampler=sampler, drop_last=False, **common)
+        return (ResumableDataLoader if resumable else DataLoader)(dataset, sampler=sampler, drop_last=False, **common)
 
     def _computing_on_cpu(self) -> bool:
         return self.trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator)
+
+    def _overfitting(self) -> bool:
+        """Whether the fit runs with ``overfit_batches``: then training takes the first batches, in order, every epoch
+        (Lightning replaces a loader whose sampler is not sequential, and ours kept shuffling: litdata's, or crashed)."""
+        return self.trainer is not None and self.trainer.overfit_batches > 0
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented batches of uint8 images, resumable through the loader's ``state_dict``, which Lightning

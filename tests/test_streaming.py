@@ -434,6 +434,15 @@ def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_the_next_epoch
 
 
 @pytest.mark.parametrize("source", ["optimized", "files"])
+def test_overfit_batches_trains_the_same_first_batches_every_epoch(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Lightning's ``overfit_batches`` debugging mode: the same batches, in order, every epoch. Image files stopped with
+    an AttributeError (Lightning swaps the sampler for a sequential one); optimized data kept shuffling."""
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=1)
+    seen = fit_recording_images(settings, tmp_path / "run", max_epochs=3, overfit_batches=2)
+    assert list(seen) == [0, 1, 2] and len(seen[0]) == 8 and seen[0] == seen[1] == seen[2]
+
+
+@pytest.mark.parametrize("source", ["optimized", "files"])
 def test_a_fit_continued_with_a_larger_max_steps_trains_what_one_fit_would(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """``max_steps`` 3 ends the first epoch after 3 of its batches; continued to 10 steps from its last.ckpt, the fit
     trains the rest of that epoch, then the next, image for image as one fit to 10 steps (Lightning resumed it as the
