@@ -1,5 +1,6 @@
 """What `LoRAImageClassifier` puts into a checkpoint beside its trainable weights, and how it reads it back:
-the layout check, the random states and the gradients of an unfinished accumulation window."""
+the layout check, the random states, the gradients of an unfinished accumulation window, and the loop state of a
+checkpoint that Lightning would resume at the wrong place."""
 
 from __future__ import annotations
 
@@ -115,6 +116,40 @@ def restore_gradients(module: torch.nn.Module, saved: Mapping[str, torch.Tensor]
     for name, grad in saved.items():
         parameter = parameters[name]
         parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written while validation was interrupted resume by validating that epoch again from its
+    first batch. As saved, its validation progress says "some batches done, none in flight", which Lightning
+    reads as "validation finished" and skips, so "best" and ``adapter/`` would come from a different epoch than an
+    uninterrupted run's. Rewound to "first batch started, not processed", Lightning runs the whole validation again
+    (its own restart-mid-evaluation path). ``loops`` is the checkpoint's documented loop state."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+    if not progress:
+        return
+    before = {key: progress["total"][key] - progress["current"][key] for key in ("ready", "started", "processed", "completed")}
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["total"] = {key: before[key] + progress["current"][key] for key in progress["current"]}
+    progress["is_last_batch"] = False
+
+
+def continue_a_shortened_epoch_on_resume(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
+    """Make a checkpoint written after Lightning ended an epoch before its last batch (``max_steps`` or ``max_time``
+    reached, a callback's ``should_stop``) resume inside that epoch, after its last trained batch, as a checkpoint
+    written on SIGTERM does. As saved, Lightning resumes it as the next epoch but counts that epoch's batches on from
+    the saved count: a fit continued with a larger ``max_steps`` trained the rest of the ended epoch's images under the
+    next epoch's number (optimized data), or skipped them and the start of the next epoch (image files, whose order
+    follows the epoch number). Rewound to "epoch started, not finished", Lightning continues the epoch (its own
+    restart-mid-epoch path). ``loops`` is the checkpoint's documented loop state."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or batches.get("is_last_batch") or batches["current"]["ready"] >= batches_per_epoch:
+        return
+    if epochs["current"]["processed"] != epochs["current"]["started"]:  # saved inside the epoch: already resumes there
+        return
+    for part in ("current", "total"):
+        epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+    checkpoint["epoch"] = epochs["current"]["processed"]
 
 
 def check_readable_checkpoint(ckpt_path: str) -> None:

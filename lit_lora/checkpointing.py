@@ -208,14 +208,6 @@ class AdapterCheckpoint(ModelCheckpoint):
             if folder is not None and Path(path).is_file() and not is_adapter_folder(folder):
                 save_adapter_folder_from_checkpoint(trainer.lightning_module, path, folder)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        state = super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking:
-            restart_validation_on_resume(checkpoint)
-        elif trainer.state.fn == "fit" and not trainer.sanity_checking:
-            continue_a_shortened_epoch_on_resume(checkpoint, trainer.num_training_batches)
-        return state
-
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """On SIGTERM (a preempted machine) or a first Ctrl-C during fit, save ``last.ckpt`` to resume from, at the
         batch boundary where Lightning stopped. A second Ctrl-C stops at once and saves nothing."""
@@ -245,40 +237,6 @@ class AdapterCheckpoint(ModelCheckpoint):
             f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
         )
-
-
-def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
-    """Make a checkpoint written while validation was interrupted resume by validating that epoch again from its
-    first batch. As saved, its validation progress says "some batches done, none in flight", which Lightning
-    reads as "validation finished" and skips, so "best" and ``adapter/`` would come from a different epoch than an
-    uninterrupted run's. Rewound to "first batch started, not processed", Lightning runs the whole validation again
-    (its own restart-mid-evaluation path). ``loops`` is the checkpoint's documented loop state."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
-    if not progress:
-        return
-    before = {key: progress["total"][key] - progress["current"][key] for key in ("ready", "started", "processed", "completed")}
-    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
-    progress["total"] = {key: before[key] + progress["current"][key] for key in progress["current"]}
-    progress["is_last_batch"] = False
-
-
-def continue_a_shortened_epoch_on_resume(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
-    """Make a checkpoint written after Lightning ended an epoch before its last batch (``max_steps`` or ``max_time``
-    reached, a callback's ``should_stop``) resume inside that epoch, after its last trained batch, as a checkpoint
-    written on SIGTERM does. As saved, Lightning resumes it as the next epoch but counts that epoch's batches on from
-    the saved count: a fit continued with a larger ``max_steps`` trained the rest of the ended epoch's images under the
-    next epoch's number (optimized data), or skipped them and the start of the next epoch (image files, whose order
-    follows the epoch number). Rewound to "epoch started, not finished", Lightning continues the epoch (its own
-    restart-mid-epoch path). ``loops`` is the checkpoint's documented loop state."""
-    loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
-    if not epochs or not batches or batches.get("is_last_batch") or batches["current"]["ready"] >= batches_per_epoch:
-        return
-    if epochs["current"]["processed"] != epochs["current"]["started"]:  # saved inside the epoch: already resumes there
-        return
-    for part in ("current", "total"):
-        epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
-    checkpoint["epoch"] = epochs["current"]["processed"]
 
 
 def _saved_step(path: str) -> Any:

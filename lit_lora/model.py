@@ -15,9 +15,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lit_lora import demo, log
 from lit_lora.checkpoint_contents import (
+    continue_a_shortened_epoch_on_resume,
     gradients_to_save,
     layout_problem,
     mid_accumulation,
+    restart_validation_on_resume,
     restore_gradients,
     saved_gradients_for_this_process,
     set_torch_rng_states,
@@ -345,12 +347,19 @@ class LoRAImageClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the trainable weights only (the frozen base is rebuilt from ``model_name_or_path``), with what an
         exact resume needs: the random states (LoRA dropout) and, when the run stops inside an accumulation window,
-        the gradients accumulated so far (Lightning saves the loops, and a stateful training loader's state)."""
+        the gradients accumulated so far (Lightning saves the loops, and a stateful training loader's state). A fit's
+        checkpoint written while validating, or after an epoch that stopped early, resumes where the run was (whichever
+        callback writes it)."""
         trainable = self.trainable_state_dict().keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self, self.trainer.accumulate_grad_batches)  # every process's own
+        trainer = self.trainer
+        if trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking:
+            restart_validation_on_resume(checkpoint)
+        elif trainer.state.fn == "fit" and not trainer.sanity_checking:
+            continue_a_shortened_epoch_on_resume(checkpoint, trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``

@@ -404,17 +404,22 @@ def fit_settings(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str, *
     return settings
 
 
-def fit_recording_images(settings: dict[str, Any], folder: Path, ckpt_path: Path | None = None, *callbacks: Any, **trainer_options: Any) -> dict[int, list[int]]:
-    """Fit the tiny ViT of ``settings`` without validation, checkpoints in ``folder``; return each epoch's training images.
-    A SIGTERM (`SignalAtBatch`) ends it as it ends a preempted run, with last.ckpt written."""
+def fit_recording_images(
+    settings: dict[str, Any], folder: Path, ckpt_path: Path | None = None, *callbacks: Any, stock_checkpoint: bool = False, **trainer_options: Any
+) -> dict[int, list[int]]:
+    """Fit the tiny ViT of ``settings`` without validation, checkpoints in ``folder`` (by `AdapterCheckpoint`, or
+    Lightning's own ``ModelCheckpoint``); return each epoch's training images. A SIGTERM (`SignalAtBatch`) ends it as it
+    ends a preempted run, with last.ckpt written."""
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lit_lora import AdapterCheckpoint, LoRAImageClassifier
 
     record, data = ImagesPerEpoch(), Food101DataModule(**settings)
+    checkpoint = ModelCheckpoint(dirpath=str(folder), save_last=True) if stock_checkpoint else AdapterCheckpoint(dirpath=str(folder), monitor=None)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[record, AdapterCheckpoint(dirpath=str(folder), monitor=None), *callbacks], **trainer_options)
+                         callbacks=[record, checkpoint, *callbacks], **trainer_options)
     with contextlib.suppress(SIGTERMException):
         trainer.fit(LoRAImageClassifier(settings["image_processor"], class_names=data.class_names), data, ckpt_path=ckpt_path)
     return record.seen
@@ -442,15 +447,16 @@ def test_overfit_batches_trains_the_same_first_batches_every_epoch(source: str, 
     assert list(seen) == [0, 1, 2] and len(seen[0]) == 8 and seen[0] == seen[1] == seen[2]
 
 
-@pytest.mark.parametrize("source", ["optimized", "files"])
-def test_a_fit_continued_with_a_larger_max_steps_trains_what_one_fit_would(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+@pytest.mark.parametrize(("source", "stock_checkpoint"), [("optimized", False), ("files", False), ("files", True)])
+def test_a_fit_continued_with_a_larger_max_steps_trains_what_one_fit_would(source: str, stock_checkpoint: bool, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """``max_steps`` 3 ends the first epoch after 3 of its batches; continued to 10 steps from its last.ckpt, the fit
     trains the rest of that epoch, then the next, image for image as one fit to 10 steps (Lightning resumed it as the
-    next epoch from batch 3: image files skipped the ended epoch's other images and the next one's first 12)."""
+    next epoch from batch 3: image files skipped the ended epoch's other images and the next one's first 12). Also with
+    Lightning's own ModelCheckpoint writing the checkpoints: the model corrects them."""
     settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=0)
     whole = fit_recording_images(settings, tmp_path / "whole", max_steps=10)
-    first = fit_recording_images(settings, tmp_path / "first", max_steps=3)
-    rest = fit_recording_images(settings, tmp_path / "continued", tmp_path / "first" / "last.ckpt", max_steps=10)
+    first = fit_recording_images(settings, tmp_path / "first", max_steps=3, stock_checkpoint=stock_checkpoint)
+    rest = fit_recording_images(settings, tmp_path / "continued", tmp_path / "first" / "last.ckpt", max_steps=10, stock_checkpoint=stock_checkpoint)
     assert list(whole) == [0, 1] and list(first) == [0] and list(rest) == [0, 1]
     assert first[0] + rest[0] == whole[0] and rest[1] == whole[1]
 
