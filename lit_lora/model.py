@@ -355,11 +355,11 @@ class LoRAImageClassifier(pl.LightningModule):
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self, self.trainer.accumulate_grad_batches)  # every process's own
-        trainer = self.trainer
-        if trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking:
-            restart_validation_on_resume(checkpoint)
-        elif trainer.state.fn == "fit" and not trainer.sanity_checking:
-            continue_a_shortened_epoch_on_resume(checkpoint, trainer.num_training_batches)
+        if self._fitting() and not self.trainer.sanity_checking:
+            if self.trainer.validating:
+                restart_validation_on_resume(checkpoint)
+            else:
+                continue_a_shortened_epoch_on_resume(checkpoint, self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``
@@ -370,13 +370,13 @@ class LoRAImageClassifier(pl.LightningModule):
                 f"this checkpoint was made for a different model ({problem}). Load it with the settings it was trained "
                 "with (they are in its hyper_parameters), or start from a matching checkpoint."
             )
-        if self._fit_is_resuming():
+        if self._fitting():
             if "rng_states" in checkpoint:
                 set_torch_rng_states(checkpoint["rng_states"])
             saved = checkpoint.get("accumulated_gradients")
             self._gradients_to_restore = saved_gradients_for_this_process(saved, self.trainer.accumulate_grad_batches) if saved else None
 
-    def _fit_is_resuming(self) -> bool:
+    def _fitting(self) -> bool:
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer: load_from_checkpoint
