@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -27,7 +28,7 @@ from lit_lora.checkpoint_contents import (
 )
 from lit_lora.lora import apply_lora, trainable_summary
 from lit_lora.schedules import ScheduleOfAFit, build_scheduler, scheduler_problems
-from lit_lora.transforms import ImageSettings, load_image_settings, normalize
+from lit_lora.transforms import ImageSettings, float_pixels_problem, load_image_settings, normalize
 
 
 class _DropLoadReport(logging.Filter):
@@ -117,7 +118,9 @@ class LoRAImageClassifier(pl.LightningModule):
     - a tuple or list ``(pixel_values, labels)``, as torchvision's ``ImageFolder`` yields (``labels`` may be left
       out for ``predict``).
 
-    Anything else stops at the first batch with a `TypeError` that says what it got. H and W are the processor's
+    Anything else stops at the first batch with a `TypeError` that says what it got. Float pixels that cannot be
+    normalised (0-255 floats) stop with a `ValueError`; floats all in [0, 1] (torchvision's ``ToTensor``, not
+    normalised) are warned about, once per stage. H and W are the processor's
     crop size (``image_settings.crop``). ``predict_step`` returns ``{"probs": (N, classes)}`` plus the batch's
     ``index``/``path``.
 
@@ -214,6 +217,7 @@ class LoRAImageClassifier(pl.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(self.image_settings.std, dtype=torch.float32), persistent=False)
         if compile:
             self.model.compile()
+        self._float_pixels_checked: set[str] = set()  # stages whose first float batch was checked (`_unpack`)
         # Checkpoints hold the trainable weights only; the frozen base is rebuilt from model_name_or_path.
         self.strict_loading = False
         num_classes = len(self.class_names)
@@ -246,8 +250,21 @@ class LoRAImageClassifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         log.info(f"[lit_lora] {trainable_summary(self.model)}")
 
+    def _unpack(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """`unpack_batch`, and at each stage's first float batch, a check that the pixels are normalised
+        (`transforms.float_pixels_problem`: an error for 0-255 floats, a warning for ToTensor's [0, 1])."""
+        pixel_values, labels, extras = unpack_batch(batch)
+        if pixel_values.is_floating_point() and stage not in self._float_pixels_checked:
+            self._float_pixels_checked.add(stage)
+            problem = float_pixels_problem(pixel_values, self.image_settings.mean, self.image_settings.std)
+            if problem and problem[1]:
+                raise ValueError(f"LoRAImageClassifier ({stage}): {problem[0]}.")
+            if problem:
+                rank_zero_warn(f"LoRAImageClassifier ({stage}): {problem[0]}; stock tools given this model's adapter would normalise.")
+        return pixel_values, labels, extras
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        pixel_values, labels, _ = unpack_batch(batch)
+        pixel_values, labels, _ = self._unpack(batch, "fit")
         if labels is None:
             raise TypeError("LoRAImageClassifier needs labels to train: give batches as {'pixel_values', 'labels'} or (pixel_values, labels).")
         logits = self(pixel_values)
@@ -273,7 +290,7 @@ class LoRAImageClassifier(pl.LightningModule):
     def _evaluate(self, batch: Any, metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
         if isinstance(batch, Mapping) and "pixel_values" not in batch and "skipped" in batch:
             return  # the data module's batch whose every image was unreadable (listed in the skipped-images report)
-        pixel_values, labels, _ = unpack_batch(batch)
+        pixel_values, labels, _ = self._unpack(batch, stage)
         if labels is None:
             raise TypeError(f"LoRAImageClassifier needs labels to {stage}: give batches as {{'pixel_values', 'labels'}} or (pixel_values, labels).")
         logits = self(pixel_values)
@@ -300,7 +317,7 @@ class LoRAImageClassifier(pl.LightningModule):
         """``{"probs": (N, classes)}``, with the batch's ``index`` and ``path`` when it carries them."""
         if isinstance(batch, Mapping) and "pixel_values" not in batch and "skipped" in batch:
             return None  # every image of the data module's batch was unreadable
-        pixel_values, _, extras = unpack_batch(batch)
+        pixel_values, _, extras = self._unpack(batch, "predict")
         return {"probs": self(pixel_values).float().softmax(dim=-1), **extras}
 
     def configure_optimizers(self) -> dict[str, Any]:

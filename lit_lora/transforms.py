@@ -351,3 +351,22 @@ def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     shift = (mean * scale).view(1, -1, 1, 1)
     spread = (std * scale).view(1, -1, 1, 1)
     return pixels.to(torch.float32, memory_format=torch.contiguous_format).sub_(shift).div_(spread)
+
+
+def float_pixels_problem(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[str, bool] | None:
+    """What is wrong with a batch of float ``pixels`` that should be the image processor's output (rescaled to [0, 1],
+    then normalised with ``mean`` and ``std``), as ``(message, certain)``; None when they may be.
+
+    ``certain``: values beyond anything normalisation gives (0-255 floats: ``.float()`` on uint8 pixels). Otherwise
+    (not certain) every value in [0, 1] where normalisation gives negative values: torchvision's ``ToTensor`` output,
+    not normalised (a batch of very bright images only could be both). Either way the model would learn on inputs that
+    stock tools, which normalise, never give it."""
+    low, high = (float(v) for v in torch.aminmax(pixels.detach().float()))
+    lowest = min((0.0 - m) / s for m, s in zip(mean, std))
+    highest = max((1.0 - m) / s for m, s in zip(mean, std))
+    expected = f"uint8 0-255 (normalised by the model) or floats rescaled to [0, 1] and normalised with mean {list(mean)} and std {list(std)} (the image processor's output)"
+    if high > 2 * highest + 1:
+        return f"float pixel_values reach {high:.1f}, beyond the {highest:.2f} that normalised pixels reach: give {expected}", True
+    if lowest < 0 and 0.0 <= low and high <= 1.0:
+        return f"float pixel_values all lie in [0, 1], as torchvision's ToTensor gives, but are not normalised: give {expected}", False
+    return None

@@ -47,6 +47,33 @@ def test_imagefolder_tuple_batches_train_validate_and_predict(class_folders_dir:
     torch.testing.assert_close(predictions[0]["probs"].sum(-1), torch.ones(8))
 
 
+def test_float_pixels_that_are_not_normalised_stop_or_warn(class_folders_dir: str, tiny_vit: str) -> None:
+    """Float batches are taken as the image processor's normalised output: 0-255 floats stop at the first batch, and
+    torchvision's ToTensor output ([0, 1], not normalised) is warned about, since stock tools would normalise; the
+    processor's own output trains without either."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_vit)
+
+    def loader(last) -> DataLoader:
+        return DataLoader(datasets.ImageFolder(class_folders_dir, transform=transforms.Compose([transforms.Resize((32, 32)), last])), batch_size=8)
+
+    model = LoRAImageClassifier(tiny_vit, class_names=datasets.ImageFolder(class_folders_dir).classes)
+    with pytest.warns(UserWarning, match=r"LoRAImageClassifier \(fit\): float pixel_values all lie in \[0, 1\], as torchvision's ToTensor"):
+        trainer(max_steps=1, limit_val_batches=0).fit(model, loader(transforms.ToTensor()))
+    with pytest.raises(ValueError, match=r"LoRAImageClassifier \(predict\): float pixel_values reach (2\d\d|1\d\d)\.\d, beyond the 1\.00"):
+        trainer().predict(model, loader(transforms.Lambda(lambda image: transforms.functional.pil_to_tensor(image).float())))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = trainer(max_steps=2, limit_val_batches=1)
+        fitted.fit(LoRAImageClassifier(tiny_vit, class_names=model.class_names), loader(transforms.Lambda(lambda image: processor(image, return_tensors="pt")["pixel_values"][0])))
+    assert fitted.global_step == 2 and not [w for w in caught if "pixel_values" in str(w.message)]
+
+
 class CountingLoader(torch.utils.data.DataLoader):
     """Somebody else's stateful loader (as torchdata's ``StatefulDataLoader`` is): its state is how many batches of the
     current pass it delivered, and a loaded state makes the next pass start after them."""
