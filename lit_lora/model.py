@@ -114,15 +114,17 @@ class LoRAImageClassifier(pl.LightningModule):
 
     - a dict: ``pixel_values`` (N, 3, H, W) as uint8 0-255 (normalised here, on the device, with the image
       processor's mean and std) or as floats already normalised (the image processor's own output); ``labels``
-      (N,) class ids; optionally ``index`` and ``path``, which ``predict`` hands back with the probabilities;
+      (N,) class ids, or (N, classes) class probabilities as torchvision's ``MixUp`` and ``CutMix`` give (the loss
+      takes them, the accuracies count the most likely class); optionally ``index`` and ``path``, which ``predict``
+      hands back with the probabilities;
     - a tuple or list ``(pixel_values, labels)``, as torchvision's ``ImageFolder`` yields (``labels`` may be left
       out for ``predict``).
 
-    Anything else stops at the first batch with a `TypeError` that says what it got. Float pixels that cannot be
-    normalised (0-255 floats) stop with a `ValueError`; floats all in [0, 1] (torchvision's ``ToTensor``, not
-    normalised) are warned about, once per stage. H and W are the processor's
-    crop size (``image_settings.crop``). ``predict_step`` returns ``{"probs": (N, classes)}`` plus the batch's
-    ``index``/``path``.
+    Anything else stops at the first batch with a `TypeError` that says what it got. Each stage's first batch is
+    checked: float pixels that cannot be normalised (0-255 floats) and class ids outside ``class_names`` stop with a
+    `ValueError`; floats all in [0, 1] (torchvision's ``ToTensor``, not normalised) are warned about. H and W are the
+    processor's crop size (``image_settings.crop``). ``predict_step`` returns ``{"probs": (N, classes)}`` plus the
+    batch's ``index``/``path``.
 
     Example::
 
@@ -217,7 +219,7 @@ class LoRAImageClassifier(pl.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(self.image_settings.std, dtype=torch.float32), persistent=False)
         if compile:
             self.model.compile()
-        self._float_pixels_checked: set[str] = set()  # stages whose first float batch was checked (`_unpack`)
+        self._first_batch_checked: set[str] = set()  # stages whose first batch was checked (`_unpack`)
         # Checkpoints hold the trainable weights only; the frozen base is rebuilt from model_name_or_path.
         self.strict_loading = False
         num_classes = len(self.class_names)
@@ -251,25 +253,47 @@ class LoRAImageClassifier(pl.LightningModule):
         log.info(f"[lit_lora] {trainable_summary(self.model)}")
 
     def _unpack(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """`unpack_batch`, and at each stage's first float batch, a check that the pixels are normalised
-        (`transforms.float_pixels_problem`: an error for 0-255 floats, a warning for ToTensor's [0, 1])."""
+        """`unpack_batch`, with each stage's first batch checked (one device sync a stage): float pixels must be
+        normalised (`transforms.float_pixels_problem`: an error for 0-255 floats, a warning for ToTensor's [0, 1]), class
+        ids must be this model's (on a GPU an id out of range is a device-side assert with no message)."""
         pixel_values, labels, extras = unpack_batch(batch)
-        if pixel_values.is_floating_point() and stage not in self._float_pixels_checked:
-            self._float_pixels_checked.add(stage)
-            problem = float_pixels_problem(pixel_values, self.image_settings.mean, self.image_settings.std)
-            if problem and problem[1]:
-                raise ValueError(f"LoRAImageClassifier ({stage}): {problem[0]}.")
-            if problem:
-                rank_zero_warn(f"LoRAImageClassifier ({stage}): {problem[0]}; stock tools given this model's adapter would normalise.")
+        if stage in self._first_batch_checked:
+            return pixel_values, labels, extras
+        self._first_batch_checked.add(stage)
+        problem = float_pixels_problem(pixel_values, self.image_settings.mean, self.image_settings.std) if pixel_values.is_floating_point() else None
+        if problem and problem[1]:
+            raise ValueError(f"LoRAImageClassifier ({stage}): {problem[0]}.")
+        if problem:
+            rank_zero_warn(f"LoRAImageClassifier ({stage}): {problem[0]}; stock tools given this model's adapter would normalise.")
+        if labels is not None and stage != "predict" and not labels.is_floating_point() and labels.numel():
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= len(self.class_names):
+                raise ValueError(
+                    f"LoRAImageClassifier ({stage}): the first batch's labels run from {low} to {high}, and this model has {len(self.class_names)} "
+                    f"classes: labels must be class ids 0 to {len(self.class_names) - 1}, in the order of class_names ({self.class_names[:3]}...)."
+                )
         return pixel_values, labels, extras
+
+    def _class_ids(self, labels: torch.Tensor, stage: str) -> torch.Tensor:
+        """The class ids of ``labels``: class ids (N,) as they are, or of class probabilities (N, classes) as torchvision's
+        ``MixUp``/``CutMix`` give, the most likely class (for the accuracies; the loss takes the probabilities)."""
+        if labels.ndim == 1 and not labels.is_floating_point() and labels.dtype != torch.bool:
+            return labels
+        if labels.ndim == 2 and labels.is_floating_point() and labels.shape[1] == len(self.class_names):
+            return labels.argmax(dim=-1)
+        raise TypeError(
+            f"LoRAImageClassifier ({stage}) got labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; it takes class ids "
+            f"(N,) of an integer dtype, or class probabilities (N, {len(self.class_names)}) as MixUp and CutMix give."
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         pixel_values, labels, _ = self._unpack(batch, "fit")
         if labels is None:
             raise TypeError("LoRAImageClassifier needs labels to train: give batches as {'pixel_values', 'labels'} or (pixel_values, labels).")
+        class_ids = self._class_ids(labels, "fit")
         logits = self(pixel_values)
         loss = F.cross_entropy(logits, labels)
-        self.train_metrics.update(logits, labels)
+        self.train_metrics.update(logits, class_ids)
         self.log("train/loss", loss)  # not on the progress bar: that would sync with the device every step
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         self._last_loss = (loss.detach(), batch_idx)
@@ -293,11 +317,12 @@ class LoRAImageClassifier(pl.LightningModule):
         pixel_values, labels, _ = self._unpack(batch, stage)
         if labels is None:
             raise TypeError(f"LoRAImageClassifier needs labels to {stage}: give batches as {{'pixel_values', 'labels'}} or (pixel_values, labels).")
+        class_ids = self._class_ids(labels, stage)
         logits = self(pixel_values)
         loss = F.cross_entropy(logits, labels)
-        getattr(self, f"{stage}_confusion").update(logits.argmax(dim=-1), labels)
-        loss_metric.update(loss, weight=labels.numel())
-        metrics.update(logits, labels)
+        getattr(self, f"{stage}_confusion").update(logits.argmax(dim=-1), class_ids)
+        loss_metric.update(loss, weight=class_ids.numel())
+        metrics.update(logits, class_ids)
         self.log(f"{stage}/loss", loss_metric, prog_bar=True)
         self.log_dict(metrics, prog_bar=True)
 

@@ -74,6 +74,36 @@ def test_float_pixels_that_are_not_normalised_stop_or_warn(class_folders_dir: st
     assert fitted.global_step == 2 and not [w for w in caught if "pixel_values" in str(w.message)]
 
 
+def test_mixup_and_cutmix_batches_train_and_labels_the_model_cannot_have_stop(class_folders_dir: str, tiny_vit: str) -> None:
+    """Class probabilities from torchvision's CutMix train (the loss takes them; torchmetrics stopped on them with a
+    scatter() error); class ids outside the model's classes (1-based ids, more folders than class_names) stop in one
+    line at the first batch, as do float labels of class ids."""
+    from torch.utils.data import DataLoader, default_collate
+    from torchvision import datasets, transforms
+    from torchvision.transforms import v2
+
+    folder = datasets.ImageFolder(class_folders_dir, transform=transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()]))
+    cutmix = v2.CutMix(num_classes=len(folder.classes))
+    mixed = DataLoader(folder, batch_size=8, collate_fn=lambda items: cutmix(*default_collate(items)))
+    assert next(iter(mixed))[1].shape == (8, len(folder.classes))
+    model = LoRAImageClassifier(tiny_vit, class_names=folder.classes, learning_rate=0.01)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    fitted = trainer(max_epochs=1, limit_train_batches=2)
+    fitted.fit(model, mixed, DataLoader(folder, batch_size=8, collate_fn=lambda items: cutmix(*default_collate(items))))
+    after = model.trainable_state_dict()
+    assert fitted.global_step == 2 and all(not torch.equal(before[k], after[k]) for k in before if "classifier" in k)
+    assert 0.0 <= float(fitted.callback_metrics["train/acc"]) <= 1.0 and 0.0 <= float(fitted.callback_metrics["val/acc"]) <= 1.0
+
+    def relabelled(change) -> DataLoader:
+        return DataLoader(folder, batch_size=8, shuffle=True, collate_fn=lambda items: (lambda x, y: (x, change(y)))(*default_collate(items)))
+
+    classes = len(folder.classes)
+    with pytest.raises(ValueError, match=rf"LoRAImageClassifier \(fit\): the first batch's labels run from \d to {classes}, and this model has {classes} classes"):
+        trainer(max_steps=1).fit(LoRAImageClassifier(tiny_vit, class_names=folder.classes), relabelled(lambda y: y + 1))
+    with pytest.raises(TypeError, match=r"LoRAImageClassifier \(test\) got labels of shape \(8,\) and dtype torch.float32"):
+        trainer().test(LoRAImageClassifier(tiny_vit, class_names=folder.classes), relabelled(lambda y: y.float()))
+
+
 class CountingLoader(torch.utils.data.DataLoader):
     """Somebody else's stateful loader (as torchdata's ``StatefulDataLoader`` is): its state is how many batches of the
     current pass it delivered, and a loaded state makes the next pass start after them."""
