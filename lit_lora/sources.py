@@ -65,15 +65,38 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _file_source(kind: str, root: Path, class_names: list[str], splits: dict[str, tuple[list[str], list[int]]]) -> ImageSource:
-    """An `ImageSource` over image files listed per split as (paths, labels)."""
+# The split readers are classes, not closures: a data module holding its source is pickled by Lightning's ddp_spawn.
+@dataclass
+class _ReadFiles:
+    """Rows of image files listed per split as (paths, labels)."""
 
-    def read(split: str, rows: list[int]) -> ImageTable:
-        paths, labels = splits[split]
+    splits: dict[str, tuple[list[str], list[int]]]
+
+    def __call__(self, split: str, rows: list[int]) -> ImageTable:
+        paths, labels = self.splits[split]
         return FileTable([paths[r] for r in rows], [labels[r] for r in rows])
 
+
+@dataclass
+class _ReadDataset:
+    """Rows of a `datasets` dataset: ``splits`` loaded from disk, or None to load the split from the hub's cache."""
+
+    dataset: str
+    image_column: str
+    label_column: str
+    splits: Any = None
+
+    def __call__(self, split: str, rows: list[int]) -> ImageTable:
+        import datasets
+
+        full = self.splits[split] if self.splits is not None else datasets.load_dataset(self.dataset, split=split)
+        return HFTable(full.select(rows), self.image_column, self.label_column, f"{self.dataset}:{split}", rows)
+
+
+def _file_source(kind: str, root: Path, class_names: list[str], splits: dict[str, tuple[list[str], list[int]]]) -> ImageSource:
+    """An `ImageSource` over image files listed per split as (paths, labels)."""
     sizes = {name: len(paths) for name, (paths, _) in splits.items()}
-    return ImageSource(kind, str(root), class_names, sizes, "test" if "test" in splits else None, read)
+    return ImageSource(kind, str(root), class_names, sizes, "test" if "test" in splits else None, _ReadFiles(splits))
 
 
 def open_food101_archive(root: Path) -> ImageSource:
@@ -172,12 +195,8 @@ def open_hf_dataset(dataset: str) -> ImageSource:
         splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
         features = next(iter(splits.values())).features
         image_column, label_column = _find_columns(features, f"dataset {dataset!r}")
-
-        def read_disk(split: str, rows: list[int]) -> ImageTable:
-            return HFTable(splits[split].select(rows), image_column, label_column, f"{dataset}:{split}", rows)
-
         sizes = {name: len(split) for name, split in splits.items()}
-        reader = read_disk
+        reader = _ReadDataset(dataset, image_column, label_column, splits)
         kind = "`datasets` dataset on disk"
     else:
         try:
@@ -191,12 +210,7 @@ def open_hf_dataset(dataset: str) -> ImageSource:
         features = builder.info.features
         image_column, label_column = _find_columns(features, f"dataset {dataset!r}")
         sizes = {name: info.num_examples for name, info in (builder.info.splits or {}).items()}
-
-        def read_hub(split: str, rows: list[int]) -> ImageTable:
-            full = datasets.load_dataset(dataset, split=split)
-            return HFTable(full.select(rows), image_column, label_column, f"{dataset}:{split}", rows)
-
-        reader = read_hub
+        reader = _ReadDataset(dataset, image_column, label_column)
         kind = "`datasets` dataset"
     test_split = "test" if "test" in sizes else ("validation" if "validation" in sizes else None)
     return ImageSource(kind, dataset, list(features[label_column].names), sizes, test_split, reader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def test_class_folders_per_split_are_detected(tmp_path: Path, class_folders_dir:
     assert source.test_split == "test"
 
 
+@pytest.mark.parametrize("layout", ["archive", "class_folders"])
+def test_a_data_module_with_its_source_open_pickles_as_ddp_spawn_sends_it(layout: str, food101_dir: str, class_folders_dir: str) -> None:
+    """Lightning's ddp_spawn pickles the data module into each process it starts: the source's split readers were
+    closures ("Can't pickle local object '_file_source.<locals>.read'"), and such a fit stopped before training."""
+    module = Food101DataModule(data_dir=food101_dir if layout == "archive" else class_folders_dir, train_split="train", num_workers=0)
+    copy = pickle.loads(pickle.dumps(module))
+    module.setup("fit")
+    copy.setup("fit")
+    assert copy.class_names == module.class_names and copy.val_table.paths == module.val_table.paths and len(copy.train_table) > 0
+
+
 def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) -> None:
     import datasets
 
@@ -72,6 +84,7 @@ def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) 
 
     module = Food101DataModule(dataset=str(tmp_path / "ds"), train_split="train", val_size=0.25, num_workers=0)
     assert module.class_names == names
+    assert pickle.loads(pickle.dumps(module)).source.select("train[:50%]").labels == rows["label"][:10]  # ddp_spawn sends it
     module.setup("test")
     assert len(module.test_table) == 4
     # Evaluation rows come in a fixed seeded order across classes; each still names its row of the split.
