@@ -393,7 +393,11 @@ class LoRAImageClassifier(pl.LightningModule):
         checkpoint written while validating, or after an epoch that stopped early, resumes where the run was (whichever
         callback writes it)."""
         trainable = self.trainable_state_dict().keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # current_model_state: where Lightning's WeightAveraging callbacks (EMA) keep the weights being trained when they
+        # put the averaged ones in state_dict; in full it would hold the frozen base too (330 MB for ViT-B/16).
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self, self.trainer.accumulate_grad_batches)  # every process's own
@@ -412,6 +416,13 @@ class LoRAImageClassifier(pl.LightningModule):
                 f"this checkpoint was made for a different model ({problem}). Load it with the settings it was trained "
                 "with (they are in its hyper_parameters), or start from a matching checkpoint."
             )
+        if "current_model_state" in checkpoint:
+            # Lightning's WeightAveraging (EMA) loads its averaged and current weights strictly: give both the frozen
+            # weights that on_save_checkpoint left out (never trained: this model's own are theirs, and their average).
+            trainable = self.trainable_state_dict().keys()
+            frozen = {k: v for k, v in self.state_dict().items() if k not in trainable}
+            for key in ("state_dict", "current_model_state"):
+                checkpoint[key] = {**frozen, **checkpoint[key]}
         if self._fitting():
             if "rng_states" in checkpoint:
                 set_torch_rng_states(checkpoint["rng_states"])
