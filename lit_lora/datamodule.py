@@ -19,7 +19,7 @@ from lit_lora import demo, log, optimized
 from lit_lora.device_decode import decode_batch
 from lit_lora.images import FileTable, ImageDataset, ImageTable, bad_image_error, collate_skipping_bad_images
 from lit_lora.sampling import ResumableDataLoader, SeededShuffleSampler
-from lit_lora.sources import ImageSource, is_image_file, open_source
+from lit_lora.sources import ImageSource, list_images, open_source
 from lit_lora.splits import stratified_split
 from lit_lora.transforms import ImageSettings, eval_transform, load_image_settings, train_transform
 from lit_lora.workers import WorkerStart
@@ -456,7 +456,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         for entry in entries:
             path = Path(entry).expanduser()
             if path.is_dir():
-                paths += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
+                paths += [str(p) for p in list_images(path)]
             elif path.is_file():
                 paths.append(str(path))
             else:

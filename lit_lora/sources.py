@@ -57,12 +57,19 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+def _ignored(name: str) -> bool:
+    """Hidden files and folders, and what macOS adds to folders and zip archives (``__MACOSX/``, ``._<name>``
+    resource forks with image extensions): not images, and never classes."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files under ``folder``, at any depth, sorted; not hidden ones or macOS's leftovers (`_ignored`)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not any(_ignored(part) for part in p.relative_to(folder).parts))
 
 
 def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name))
 
 
 # The split readers are classes, not closures: a data module holding its source is pickled by Lightning's ddp_spawn.
@@ -125,6 +132,13 @@ def open_class_folders(root: Path) -> ImageSource:
     if split_folders and len(split_folders) == len(subfolders):
         per_split = {("validation" if name == "val" else name): folder for name, folder in split_folders.items()}
         kind = "class folders per split"
+    elif split_folders and all(_class_folders(folder) for folder in split_folders.values()):  # train/ and test/ as two classes?
+        others = sorted(p.name for p in subfolders if p.name not in split_folders)
+        raise ValueError(
+            f"data_dir {str(root)!r} holds split folders ({', '.join(sorted(split_folders))}) beside other folders ({', '.join(others[:5])}): "
+            "it would be read as class folders, with the splits as classes. Keep only the split folders there (each of class folders), "
+            "or only class folders."
+        )
     else:
         per_split = {"train": root}
         kind = "class folders"
@@ -135,7 +149,7 @@ def open_class_folders(root: Path) -> ImageSource:
     for split, folder in per_split.items():
         paths, labels = [], []
         for class_folder in _class_folders(folder):
-            images = _list_images(class_folder)
+            images = list_images(class_folder)
             if not images:
                 empty.append(str(class_folder))
             paths += [str(p) for p in images]

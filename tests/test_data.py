@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, write_images
 from PIL import Image
 from torchvision import transforms as T
 
@@ -61,6 +61,29 @@ def test_a_data_module_with_its_source_open_pickles_as_ddp_spawn_sends_it(layout
     module.setup("fit")
     copy.setup("fit")
     assert copy.class_names == module.class_names and copy.val_table.paths == module.val_table.paths and len(copy.train_table) > 0
+
+
+def test_macos_leftovers_and_hidden_files_are_neither_classes_nor_images_and_split_folders_beside_others_are_refused(tmp_path: Path) -> None:
+    """A folder unzipped from a macOS archive has ``__MACOSX/<class>/._<image>.jpg`` resource forks: ``__MACOSX`` was
+    a class of its own, and the ``._`` files unreadable images. Split folders beside another folder were read as
+    classes named train and test. predict_dir is listed the same way."""
+    rng = np.random.default_rng(0)
+    for root in ("flat", "per_split/train", "per_split/test"):
+        for name in ("pizza", "sushi"):
+            write_images(tmp_path / root / name, CLASSES[0], 3, rng)
+            for junk in (tmp_path / root / name / "._0.jpg", tmp_path / root / "__MACOSX" / name / "._0.jpg", tmp_path / root / name / ".cache" / "0.jpg"):
+                junk.parent.mkdir(parents=True, exist_ok=True)
+                junk.write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "per_split" / "__MACOSX").mkdir()
+    flat = open_local_folder(tmp_path / "flat")
+    assert (flat.kind, flat.class_names, flat.split_sizes) == ("class folders", ["pizza", "sushi"], {"train": 6})
+    predicting = Food101DataModule(dataset=None, predict_dir=str(tmp_path / "flat"), class_names=["pizza", "sushi"], num_workers=0)
+    assert [Path(p).relative_to(tmp_path / "flat").parts[0] for p in predicting.predict_paths] == ["pizza"] * 3 + ["sushi"] * 3
+    per_split = open_local_folder(tmp_path / "per_split")
+    assert (per_split.kind, per_split.class_names, per_split.split_sizes) == ("class folders per split", ["pizza", "sushi"], {"test": 6, "train": 6})
+    write_images(tmp_path / "per_split" / "extra" / "pizza", CLASSES[0], 1, rng)
+    with pytest.raises(ValueError, match=r"holds split folders \(test, train\) beside other folders \(extra\): it would be read as class folders"):
+        open_local_folder(tmp_path / "per_split")
 
 
 def test_datasets_dataset_saved_to_disk(tmp_path: Path, class_folders_dir: str) -> None:
