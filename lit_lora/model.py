@@ -394,10 +394,14 @@ class LoRAImageClassifier(pl.LightningModule):
         callback writes it)."""
         trainable = self.trainable_state_dict().keys()
         # current_model_state: where Lightning's WeightAveraging callbacks (EMA) keep the weights being trained when they
-        # put the averaged ones in state_dict; in full it would hold the frozen base too (330 MB for ViT-B/16).
+        # put the averaged ones in state_dict; in full it would hold the frozen base too (330 MB for ViT-B/16), as would
+        # StochasticWeightAveraging's average_model_state (it loads into a copy of this module, which takes them so).
         for key in ("state_dict", "current_model_state"):
             if key in checkpoint:
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k in trainable}
+        for state in checkpoint.get("callbacks", {}).values():  # Lightning's StochasticWeightAveraging: a whole copy of this module
+            if isinstance(state, dict) and isinstance(state.get("average_model_state"), Mapping):
+                state["average_model_state"] = {k: v for k, v in state["average_model_state"].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self, self.trainer.accumulate_grad_batches)  # every process's own

@@ -155,11 +155,15 @@ def test_a_resumed_fit_hands_somebody_elses_stateful_loader_its_state(class_fold
     assert resumed.global_step == len(loader)  # the rest of the epoch, each batch once
 
 
-def test_lightnings_ema_callback_keeps_adapter_sized_checkpoints_and_resumes_them_exactly(class_folders_dir: str, tiny_vit: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("averaging", ["ema", "swa"])
+def test_lightnings_weight_averaging_callbacks_keep_adapter_sized_checkpoints_and_resume_them_exactly(
+    averaging: str, class_folders_dir: str, tiny_vit: str, tmp_path: Path
+) -> None:
     """Lightning's EMAWeightAveraging puts the averaged weights in the checkpoint's state_dict and the trained ones in
     current_model_state: that one held the frozen base too (330 MB for ViT-B/16), and a resume stopped on the frozen
-    weights the adapter-only state_dict leaves out ("Missing key(s) in state_dict for AveragedModel")."""
-    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+    weights the adapter-only state_dict leaves out ("Missing key(s) in state_dict for AveragedModel").
+    StochasticWeightAveraging's average_model_state held the frozen base too."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -168,18 +172,22 @@ def test_lightnings_ema_callback_keeps_adapter_sized_checkpoints_and_resumes_the
     def fit(max_epochs: int, folder: str, ckpt_path: Path | None = None) -> LoRAImageClassifier:
         pl.seed_everything(0)
         model = LoRAImageClassifier(tiny_vit, class_names=images.classes, learning_rate=0.01, lr_scheduler_type="constant")
-        callbacks = [EMAWeightAveraging(decay=0.9), ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)]
+        average = EMAWeightAveraging(decay=0.9) if averaging == "ema" else StochasticWeightAveraging(swa_lrs=0.005, swa_epoch_start=1)
+        callbacks = [average, ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)]
         pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=max_epochs, accumulate_grad_batches=2, callbacks=callbacks).fit(
             model, DataLoader(images, batch_size=4), DataLoader(images, batch_size=8), ckpt_path=ckpt_path
         )
         return model
 
-    straight = fit(3, "straight")
-    fit(2, "stopped")
+    straight = fit(4, "straight")
+    fit(3, "stopped")
     saved = torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)
     trainable = set(straight.trainable_state_dict())
-    assert set(saved["current_model_state"]) == set(saved["state_dict"]) == trainable and int(saved["averaging_state"]["n_averaged"]) == 6
-    resumed = fit(3, "resumed", tmp_path / "stopped" / "last.ckpt")
+    if averaging == "ema":
+        assert set(saved["current_model_state"]) == set(saved["state_dict"]) == trainable and int(saved["averaging_state"]["n_averaged"]) == 9
+    else:
+        assert set(saved["callbacks"]["StochasticWeightAveraging"]["average_model_state"]) == set(saved["state_dict"]) == trainable
+    resumed = fit(4, "resumed", tmp_path / "stopped" / "last.ckpt")
     for name, weight in straight.trainable_state_dict().items():  # the averaged weights, which fit ends with
         assert torch.equal(weight, resumed.trainable_state_dict()[name]), name
 
