@@ -86,16 +86,17 @@ def load_base_model(model_name_or_path: str, class_names: Sequence[str]) -> torc
 def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """``(pixel_values, labels, extras)`` of a batch in any form `LoRAImageClassifier` takes.
 
-    Takes a mapping with ``pixel_values`` (and ``labels``; ``index`` and ``path`` are passed through as extras), as
-    `ImageClassificationDataModule` and transformers' collators give, or a tuple/list ``(pixel_values, labels)`` as
-    torchvision's ``ImageFolder`` gives.
+    Takes a mapping with ``pixel_values`` (and ``labels``, or ``label`` as `datasets` names its class column; ``index``
+    and ``path`` are passed through as extras), as `ImageClassificationDataModule` and transformers' collators give, or
+    a tuple/list ``(pixel_values, labels)`` as torchvision's ``ImageFolder`` gives.
 
     Raises:
         TypeError: the batch is neither, saying what it got and what is taken.
     """
     if isinstance(batch, Mapping) and isinstance(batch.get("pixel_values"), torch.Tensor):
         extras = {key: batch[key] for key in ("index", "path") if key in batch}
-        return batch["pixel_values"], batch.get("labels"), extras
+        labels = batch["labels"] if "labels" in batch else batch.get("label")  # `datasets`' ClassLabel column is "label"
+        return batch["pixel_values"], labels, extras
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], torch.Tensor):
         return batch[0], (batch[1] if len(batch) == 2 else None), {}
     got = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
@@ -107,14 +108,20 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[st
     )
 
 
+def _no_labels(batch: Any, stage: str) -> TypeError:
+    """The error for a batch without labels where they are needed, saying what the batch holds."""
+    held = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else f"a {type(batch).__name__} of 1"
+    return TypeError(f"LoRAImageClassifier needs labels to {stage} and got {held}: give batches as {{'pixel_values', 'labels'}} or (pixel_values, labels).")
+
+
 class LoRAImageClassifier(pl.LightningModule):
     """Fine-tune a transformers image classifier with LoRA: only the adapters and the head are trained.
 
     Batches (any of these, from any loader):
 
     - a dict: ``pixel_values`` (N, 3, H, W) as uint8 0-255 (normalised here, on the device, with the image
-      processor's mean and std) or as floats already normalised (the image processor's own output); ``labels``
-      (N,) class ids, or (N, classes) class probabilities as torchvision's ``MixUp`` and ``CutMix`` give (the loss
+      processor's mean and std) or as floats already normalised (the image processor's own output); ``labels`` (or
+      ``label``, `datasets`' column name) (N,) class ids, or (N, classes) class probabilities as torchvision's ``MixUp`` and ``CutMix`` give (the loss
       takes them, the accuracies count the most likely class); optionally ``index`` and ``path``, which ``predict``
       hands back with the probabilities;
     - a tuple or list ``(pixel_values, labels)``, as torchvision's ``ImageFolder`` yields (``labels`` may be left
@@ -289,7 +296,7 @@ class LoRAImageClassifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         pixel_values, labels, _ = self._unpack(batch, "fit")
         if labels is None:
-            raise TypeError("LoRAImageClassifier needs labels to train: give batches as {'pixel_values', 'labels'} or (pixel_values, labels).")
+            raise _no_labels(batch, "train")
         class_ids = self._class_ids(labels, "fit")
         logits = self(pixel_values)
         loss = F.cross_entropy(logits, labels)
@@ -316,7 +323,7 @@ class LoRAImageClassifier(pl.LightningModule):
             return  # the data module's batch whose every image was unreadable (listed in the skipped-images report)
         pixel_values, labels, _ = self._unpack(batch, stage)
         if labels is None:
-            raise TypeError(f"LoRAImageClassifier needs labels to {stage}: give batches as {{'pixel_values', 'labels'}} or (pixel_values, labels).")
+            raise _no_labels(batch, stage)
         class_ids = self._class_ids(labels, stage)
         logits = self(pixel_values)
         loss = F.cross_entropy(logits, labels)

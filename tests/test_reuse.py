@@ -239,6 +239,12 @@ def test_a_batch_of_another_kind_is_a_one_line_type_error(tiny_vit: str) -> None
         with pytest.raises(TypeError, match=rf"got {re.escape(said)} as a batch; it takes a dict with .pixel_values.") as caught:
             model.training_step(batch, 0)
         assert "\n" not in str(caught.value)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"needs labels to train and got a dict with keys \['pixel_values'\]: give batches as"):
+        model.training_step({"pixel_values": pixels}, 0)
+    # `datasets` names its class column "label": such batches train as they are.
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer here
+        assert torch.isfinite(model.training_step({"pixel_values": pixels, "label": torch.tensor([0, 1])}, 0))
 
 
 def test_predict_takes_plain_dict_batches_without_index(tiny_vit: str, food101_dir: str) -> None:
