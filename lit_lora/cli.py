@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_lora import log
 from lit_lora.checkpoint_contents import check_readable_checkpoint
 from lit_lora.checkpointing import AdapterCheckpoint
-from lit_lora.console import quiet_other_libraries
+from lit_lora.console import set_up_cli_console
 from lit_lora.datamodule import Food101DataModule, settings_problems
 from lit_lora.export import adapter_folder_settings, export, is_adapter_folder, load_adapter_weights
 from lit_lora.files import output_folder_problems
@@ -490,12 +490,8 @@ def cli_main(args: list[str] | None = None) -> LitLoRACLI | Path:
     ``--verbose`` anywhere keeps the other libraries' start-up messages, which are otherwise left out.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    log.show_messages()
-    if "--verbose" in argv:
-        argv.remove("--verbose")
-    else:
-        quiet_other_libraries()
-    args = argv
+    set_up_cli_console(verbose="--verbose" in argv)
+    args = argv = [arg for arg in argv if arg != "--verbose"]
     if argv[:1] == ["export"]:
         from jsonargparse import CLI
 

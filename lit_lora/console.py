@@ -1,7 +1,8 @@
 """What the command line prints: lit_lora's own lines, the progress bar and actionable warnings, not the
 start-up chatter of the libraries underneath (``python -m lit_lora --verbose ...`` shows everything).
 
-Only the CLI calls `quiet_other_libraries`; importing lit_lora or using its modules changes no logging setting.
+Only the CLI calls `set_up_cli_console` (and the processes Lightning's ddp_spawn starts from it, through
+`monitoring.RunSummary`); importing lit_lora or using its modules changes no logging setting.
 """
 
 from __future__ import annotations
@@ -66,3 +67,23 @@ def quiet_other_libraries() -> None:
     logging.getLogger("litdata.streaming.dataset").addFilter(_DropChatter(LITDATA_CHATTER))
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+_CLI_CONSOLE: dict[str, bool] = {}  # how the command line set up this process's console; empty: it did not
+
+
+def set_up_cli_console(verbose: bool) -> None:
+    """The command line's console for this process: lit_lora's messages on standard error, and unless ``verbose`` the
+    other libraries' start-up chatter left out. Remembered for the processes Lightning's ddp_spawn starts
+    (`cli_console`)."""
+    from lit_lora import log
+
+    log.show_messages()
+    if not verbose:
+        quiet_other_libraries()
+    _CLI_CONSOLE["verbose"] = verbose
+
+
+def cli_console() -> dict[str, bool] | None:
+    """`set_up_cli_console`'s arguments in this process, None outside the command line."""
+    return dict(_CLI_CONSOLE) or None

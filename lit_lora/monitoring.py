@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_lora import log
+from lit_lora import console, log
 from lit_lora.files import write_text
 
 
@@ -217,6 +217,17 @@ class LearningRateLogger(LearningRateMonitor):
 
 class RunSummary(pl.Callback):
     """At the end of ``fit``: a training-curves PNG, and a short summary of what the run produced and how fast."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "cli_console": console.cli_console()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled in a process that Lightning's ddp_spawn started from the command line: a new interpreter, without
+        # the command line's console (Python's spawn does not run `python -m lit_lora` again), whose rank 0 trains and
+        # reports. The CLI always adds this callback, and the Trainer that carries it is unpickled before any hook.
+        self.__dict__.update(state)
+        if state.get("cli_console"):
+            console.set_up_cli_console(**state["cli_console"])
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = Path(trainer.log_dir) if trainer.log_dir else None  # a collective under DDP: every process asks

@@ -55,6 +55,17 @@ def test_fit_validate_predict_on_two_processes(tmp_path: Path, tiny_vit: str, fo
     assert yaml.safe_load((run / "hparams.yaml").read_text())["class_names"] == ["tomato", "matcha", "blueberry", "banana"]
 
 
+def test_a_ddp_spawn_fit_through_the_cli_trains_and_says_what_it_wrote(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Lightning's ddp_spawn pickles the data module into the processes it starts: its source's split readers were
+    closures, and the fit stopped before training. Those processes are new interpreters, without the command line's
+    console: rank 0's lit_lora lines and end-of-fit summary were lost, and the warnings it filters shown."""
+    spawn = ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    fitted = run_cli(["fit", *common_args(tiny_vit, food101_dir), *spawn, "--trainer.max_epochs=1", "--data.num_workers=0"], tmp_path)
+    assert "[lit_lora] trainable params" in fitted.stderr and "[lit_lora] fit finished" in fitted.stderr, fitted.stderr[-3000:]
+    assert "LeafSpec" not in fitted.stderr  # one of the library warnings the command line leaves out
+    assert (tmp_path / "checkpoints" / "run" / "version_0" / "adapter-last" / "adapter_model.safetensors").is_file()
+
+
 class RecordPixels(__import__("lightning").pytorch.Callback):
     """Appends (epoch, image index, pixel sum) of every training image this process sees to pixels-rank<N>.txt."""
 
