@@ -99,19 +99,19 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[st
         return batch["pixel_values"], labels, extras
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], torch.Tensor):
         return batch[0], (batch[1] if len(batch) == 2 else None), {}
-    got = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
-    if isinstance(batch, (tuple, list)):
-        got += f" of {len(batch)} ({', '.join(type(item).__name__ for item in batch[:4])})"
     raise TypeError(
-        f"LoRAImageClassifier got {got} as a batch; it takes a dict with 'pixel_values' (N, 3, H, W: uint8 0-255, or "
+        f"LoRAImageClassifier got {_described(batch)} as a batch; it takes a dict with 'pixel_values' (N, 3, H, W: uint8 0-255, or "
         "floats normalised by the image processor) and 'labels' (N, int), or a tuple (pixel_values, labels)."
     )
 
 
-def _no_labels(batch: Any, stage: str) -> TypeError:
-    """The error for a batch without labels where they are needed, saying what the batch holds."""
-    held = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else f"a {type(batch).__name__} of 1"
-    return TypeError(f"LoRAImageClassifier needs labels to {stage} and got {held}: give batches as {{'pixel_values', 'labels'}} or (pixel_values, labels).")
+def _described(batch: Any) -> str:
+    """What a batch is, for an error: its keys, or its length and item types."""
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} ({', '.join(type(item).__name__ for item in batch[:4])})"
+    return f"a {type(batch).__name__}"
 
 
 class LoRAImageClassifier(pl.LightningModule):
@@ -121,9 +121,9 @@ class LoRAImageClassifier(pl.LightningModule):
 
     - a dict: ``pixel_values`` (N, 3, H, W) as uint8 0-255 (normalised here, on the device, with the image
       processor's mean and std) or as floats already normalised (the image processor's own output); ``labels`` (or
-      ``label``, `datasets`' column name) (N,) class ids, or (N, classes) class probabilities as torchvision's ``MixUp`` and ``CutMix`` give (the loss
-      takes them, the accuracies count the most likely class); optionally ``index`` and ``path``, which ``predict``
-      hands back with the probabilities;
+      ``label``, `datasets`' column name) (N,) class ids, or (N, classes) class probabilities as torchvision's
+      ``MixUp`` and ``CutMix`` give (the loss takes them, the accuracies count the most likely class); optionally
+      ``index`` and ``path``, which ``predict`` hands back with the probabilities;
     - a tuple or list ``(pixel_values, labels)``, as torchvision's ``ImageFolder`` yields (``labels`` may be left
       out for ``predict``).
 
@@ -259,27 +259,37 @@ class LoRAImageClassifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         log.info(f"[lit_lora] {trainable_summary(self.model)}")
 
-    def _unpack(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """`unpack_batch`, with each stage's first batch checked (one device sync a stage): float pixels must be
-        normalised (`transforms.float_pixels_problem`: an error for 0-255 floats, a warning for ToTensor's [0, 1]), class
-        ids must be this model's (on a GPU an id out of range is a device-side assert with no message)."""
+    def _unpack(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+        """``(pixel_values, labels, class_ids, extras)`` of a batch (`unpack_batch`): ``class_ids`` are the labels' classes
+        (`_class_ids`), None for ``predict``, which needs no labels. Each stage's first batch is checked (one device sync
+        a stage): float pixels must be normalised (`transforms.float_pixels_problem`: an error for 0-255 floats, a warning
+        for ToTensor's [0, 1]), class ids must be this model's (on a GPU an id out of range is a device-side assert with
+        no message)."""
         pixel_values, labels, extras = unpack_batch(batch)
+        class_ids = None
+        if stage != "predict":
+            if labels is None:
+                raise TypeError(
+                    f"LoRAImageClassifier needs labels to {'train' if stage == 'fit' else stage} and got {_described(batch)}: give batches "
+                    "as {'pixel_values', 'labels'} or (pixel_values, labels)."
+                )
+            class_ids = self._class_ids(labels, stage)
         if stage in self._first_batch_checked:
-            return pixel_values, labels, extras
+            return pixel_values, labels, class_ids, extras
         self._first_batch_checked.add(stage)
         problem = float_pixels_problem(pixel_values, self.image_settings.mean, self.image_settings.std) if pixel_values.is_floating_point() else None
         if problem and problem[1]:
             raise ValueError(f"LoRAImageClassifier ({stage}): {problem[0]}.")
         if problem:
             rank_zero_warn(f"LoRAImageClassifier ({stage}): {problem[0]}; stock tools given this model's adapter would normalise.")
-        if labels is not None and stage != "predict" and not labels.is_floating_point() and labels.numel():
-            low, high = (int(v) for v in torch.aminmax(labels))
+        if class_ids is not None and class_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(class_ids))
             if low < 0 or high >= len(self.class_names):
                 raise ValueError(
                     f"LoRAImageClassifier ({stage}): the first batch's labels run from {low} to {high}, and this model has {len(self.class_names)} "
                     f"classes: labels must be class ids 0 to {len(self.class_names) - 1}, in the order of class_names ({self.class_names[:3]}...)."
                 )
-        return pixel_values, labels, extras
+        return pixel_values, labels, class_ids, extras
 
     def _class_ids(self, labels: torch.Tensor, stage: str) -> torch.Tensor:
         """The class ids of ``labels``: class ids (N,) as they are, or of class probabilities (N, classes) as torchvision's
@@ -294,10 +304,7 @@ class LoRAImageClassifier(pl.LightningModule):
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        pixel_values, labels, _ = self._unpack(batch, "fit")
-        if labels is None:
-            raise _no_labels(batch, "train")
-        class_ids = self._class_ids(labels, "fit")
+        pixel_values, labels, class_ids, _ = self._unpack(batch, "fit")
         logits = self(pixel_values)
         loss = F.cross_entropy(logits, labels)
         self.train_metrics.update(logits, class_ids)
@@ -321,10 +328,7 @@ class LoRAImageClassifier(pl.LightningModule):
     def _evaluate(self, batch: Any, metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
         if isinstance(batch, Mapping) and "pixel_values" not in batch and "skipped" in batch:
             return  # the data module's batch whose every image was unreadable (listed in the skipped-images report)
-        pixel_values, labels, _ = self._unpack(batch, stage)
-        if labels is None:
-            raise _no_labels(batch, stage)
-        class_ids = self._class_ids(labels, stage)
+        pixel_values, labels, class_ids, _ = self._unpack(batch, stage)
         logits = self(pixel_values)
         loss = F.cross_entropy(logits, labels)
         getattr(self, f"{stage}_confusion").update(logits.argmax(dim=-1), class_ids)
@@ -349,7 +353,7 @@ class LoRAImageClassifier(pl.LightningModule):
         """``{"probs": (N, classes)}``, with the batch's ``index`` and ``path`` when it carries them."""
         if isinstance(batch, Mapping) and "pixel_values" not in batch and "skipped" in batch:
             return None  # every image of the data module's batch was unreadable
-        pixel_values, _, extras = self._unpack(batch, "predict")
+        pixel_values, _, _, extras = self._unpack(batch, "predict")
         return {"probs": self(pixel_values).float().softmax(dim=-1), **extras}
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -403,12 +407,11 @@ class LoRAImageClassifier(pl.LightningModule):
         # current_model_state: where Lightning's WeightAveraging callbacks (EMA) keep the weights being trained when they
         # put the averaged ones in state_dict; in full it would hold the frozen base too (330 MB for ViT-B/16), as would
         # StochasticWeightAveraging's average_model_state (it loads into a copy of this module, which takes them so).
-        for key in ("state_dict", "current_model_state"):
-            if key in checkpoint:
-                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k in trainable}
-        for state in checkpoint.get("callbacks", {}).values():  # Lightning's StochasticWeightAveraging: a whole copy of this module
-            if isinstance(state, dict) and isinstance(state.get("average_model_state"), Mapping):
-                state["average_model_state"] = {k: v for k, v in state["average_model_state"].items() if k in trainable}
+        copies = [(checkpoint, "state_dict"), (checkpoint, "current_model_state")]
+        copies += [(state, "average_model_state") for state in checkpoint.get("callbacks", {}).values() if isinstance(state, dict)]
+        for holder, key in copies:
+            if isinstance(holder.get(key), Mapping):
+                holder[key] = {k: v for k, v in holder[key].items() if k in trainable}
         checkpoint["rng_states"] = torch_rng_states()
         if getattr(self, "_mid_window", False):
             checkpoint["accumulated_gradients"] = gradients_to_save(self, self.trainer.accumulate_grad_batches)  # every process's own
