@@ -3,10 +3,10 @@ import signal
 import sys
 from typing import NoReturn
 
-import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_lora.cli import cli_main
+from lit_lora.console import release_process_group
 
 
 def one_message(err: BaseException) -> str:
@@ -16,15 +16,6 @@ def one_message(err: BaseException) -> str:
         last = message.strip().splitlines()[-1]
         message = last.split(": ", 1)[1] if last.startswith(type(err).__module__) or ": " in last.split(" ", 1)[0] else last
     return message
-
-
-def release_process_group() -> None:
-    """Destroy a finished DDP run's process group while the interpreter is whole, as PyTorch asks; left to interpreter
-    exit, gloo's threads can abort the process after its work is done ("terminate called without an active
-    exception", exit -6: PyTorch issue #190489, seen once here after a 2-process predict). Only where every process
-    finished or stopped at the same point: never after an error, when the others may be inside a collective."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def main() -> NoReturn:

@@ -1,5 +1,6 @@
 """What the command line prints: lit_lora's own lines, the progress bar and actionable warnings, not the
-start-up chatter of the libraries underneath (``python -m lit_lora --verbose ...`` shows everything).
+start-up chatter of the libraries underneath (``python -m lit_lora --verbose ...`` shows everything); and how its
+processes end a distributed run (`release_process_group`).
 
 Only the CLI calls `set_up_cli_console` (and the processes Lightning's ddp_spawn starts from it, through
 `monitoring.RunSummary`); importing lit_lora or using its modules changes no logging setting.
@@ -87,3 +88,15 @@ def set_up_cli_console(verbose: bool) -> None:
 def cli_console() -> dict[str, bool] | None:
     """`set_up_cli_console`'s arguments in this process, None outside the command line."""
     return dict(_CLI_CONSOLE) or None
+
+
+def release_process_group() -> None:
+    """Destroy a finished DDP run's process group while the interpreter is whole, as PyTorch asks; left to interpreter
+    exit, gloo's threads can abort the process after its work is done ("terminate called without an active
+    exception", exit -6: PyTorch issue #190489, seen here after a 2-process predict, and after a ddp_spawn fit, whose
+    launcher then reports the finished run as failed). Only where every process finished or stopped at the same point:
+    never after an error, when the others may be inside a collective."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

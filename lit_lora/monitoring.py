@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,13 @@ class RunSummary(pl.Callback):
         self.__dict__.update(state)
         if state.get("cli_console"):
             console.set_up_cli_console(**state["cli_console"])
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls this only once a run ended normally (never after an error). In a process that ddp_spawn started
+        # (multiprocessing's child) nothing runs after the run but handing rank 0's results back, so the process group
+        # goes here, as `python -m lit_lora` lets it go in its own process (`console.release_process_group`).
+        if multiprocessing.parent_process() is not None:
+            console.release_process_group()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = Path(trainer.log_dir) if trainer.log_dir else None  # a collective under DDP: every process asks
