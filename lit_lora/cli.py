@@ -205,6 +205,7 @@ def data_settings_problems(data: Any, optimized: bool) -> list[str]:
         float(data.get("val_size", 0.1)), data.get("val_split"), 1 if batch_size is None else int(batch_size),
         None if workers is None else int(workers), prefix="data.", optimized_cache_size=data.get("optimized_cache_size"),
         optimized_train_side=int(data.get("optimized_train_side", 256)) if optimized else None,
+        streamed=optimized and optimized_is_url(data.get("optimized_dir") or ""),
     )
 
 

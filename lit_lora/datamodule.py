@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,17 +39,21 @@ def default_num_workers() -> int:
 def settings_problems(
     val_size: float, val_split: str | None, batch_size: int, num_workers: int | None, prefix: str = "",
     optimized_cache_size: str | float | None = None, optimized_train_side: int | None = None, crop: tuple[int, int] | None = None,
+    streamed: bool = False,
 ) -> list[str]:
     """What is wrong with these `Food101DataModule` settings, each problem naming its setting as ``prefix + name``
     (the CLI checks its configuration with this before building anything). ``optimized_train_side``: checked when
-    optimized data is used, against the model's ``crop`` when known."""
+    optimized data is used, against the model's ``crop`` when known. ``streamed``: the optimized data is at a URL, read
+    through the chunk cache (sized for one process here; `ImageClassificationDataModule.setup` counts a node's)."""
     problems = []
     least = max(crop or (1,))
     if optimized_train_side is not None and optimized_train_side < least:  # every training crop enlarged, or none made
         why = " (the model's crop size: training crops are taken from images this size)" if crop else ""
         problems.append(f"{prefix}optimized_train_side must be at least {least}{why}, got {optimized_train_side}")
-    if not _is_cache_size(optimized_cache_size):  # else litdata would refuse it in setup, as if the data were damaged
-        problems.append(f"{prefix}optimized_cache_size must be a size such as 200GB or a share of the free disk such as 0.5, got {optimized_cache_size!r}")
+    readers = max(1, default_num_workers() if num_workers is None else num_workers) if streamed else None
+    cache = optimized.cache_size_problem(optimized_cache_size, readers)  # else litdata refuses it in setup, or hangs
+    if cache:
+        problems.append(f"{prefix}optimized_cache_size {cache}")
     if val_split is None and not 0.0 < val_size < 1.0:
         problems.append(f"{prefix}val_size must be between 0 and 1 (exclusive), got {val_size}")
     if batch_size < 1:
@@ -58,20 +61,6 @@ def settings_problems(
     if num_workers is not None and num_workers < 0:
         problems.append(f"{prefix}num_workers must be 0 or more, got {num_workers}")
     return problems
-
-
-def _is_cache_size(value: str | float | None) -> bool:
-    """Whether litdata takes ``value`` as a chunk-cache size: bytes with an optional unit (``200GB``, ``500m``) or a
-    share of the free disk in (0, 1]; None is its default."""
-    if value is None:
-        return True
-    text = str(value).strip().lower()
-    try:
-        number = float(text)
-    except ValueError:
-        size = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(tb|gb|mb|kb|t|g|m|k|b)", text)
-        return size is not None and float(size.group(1)) > 0
-    return 0 < number <= 1 or (text.isdigit() and number > 0)
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -158,7 +147,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 suits 224 px crops); random crops are taken from these.
             optimized_cache_size: how much of an ``optimized_dir`` URL each node keeps in litdata's chunk cache
                 (``LITDATA_CACHE_DIR``), e.g. ``200GB`` or ``0.5`` of the free disk; chunks beyond it are deleted once
-                read and downloaded again next epoch. By default litdata's: 75 % of the free disk, leaving 50 GB free.
+                read and downloaded again next epoch; at least 24MB for each loader worker of every process on the node.
+                By default litdata's: 75 % of the free disk, leaving 50 GB free.
             on_bad_image: what to do with a file that cannot be read (truncated, empty, not an image, too large):
                 ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops (on an optimized
                 dataset that left such files out: before training).
@@ -208,6 +198,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         problems = settings_problems(
             self.val_size, self.val_split, self.batch_size, self.num_workers, optimized_cache_size=self.optimized_cache_size,
             optimized_train_side=self.optimized_train_side if self.optimized_dir or optimizing else None, crop=self.image_settings.crop,
+            streamed=bool(self.optimized_dir) and optimized.is_url(self.optimized_dir),
         )
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems) + ".")
@@ -362,6 +353,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             self._setup_files(stage)
 
     def _setup_optimized(self, stage: str) -> None:
+        processes = self.trainer.num_devices if self.trainer is not None else 1  # on this node, sharing its chunk cache
+        cache = optimized.cache_size_problem(self.optimized_cache_size, max(1, self.num_workers) * processes) if optimized.is_url(self.optimized_dir) else None
+        if cache and processes > 1:  # with one process, __init__ has said so
+            raise ValueError(f"data.optimized_cache_size {cache} ({processes} processes on this node, {self.num_workers} loader workers each).")
         manifest = self.optimized_manifest()
         split = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}[stage]
         if split not in manifest["splits"]:

@@ -55,6 +55,33 @@ MANIFEST = "lit_lora_dataset.json"
 # `python benchmarks/streaming.py --images 3000` on the 2-core CPU machine (benchmarks/README.md).
 CHUNK_BYTES = "8MB"
 BATCH_DECODE = "chunk"
+_UNITS = {"tb": 1e12, "gb": 1e9, "mb": 1e6, "kb": 1e3, "t": 1e12, "g": 1e9, "m": 1e6, "k": 1e3, "b": 1}  # litdata's: decimal
+
+
+def cache_size_problem(value: str | float | None, readers: int | None = None) -> str | None:
+    """What is wrong with ``value`` as the size of litdata's chunk cache, or None: it must be bytes with an optional unit
+    (``200GB``, ``500m``) or a share of the free disk in (0, 1] (None: litdata's default).
+
+    With ``readers`` (the loaders of one node reading a split at a URL: every process's workers, or the process itself
+    without workers) a size in bytes must also hold about three chunks per reader, the one it reads and two downloaded
+    ahead: they share the node's cache folder, and with less room litdata 0.2.76 waits for a chunk that never comes, then
+    stops after 120 s with a ChunkWaitTimeoutError (2 workers, 7 MB chunks: 32 MB hung, 40 MB trained).
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    size = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(tb|gb|mb|kb|t|g|m|k|b)?", text)
+    number = float(size.group(1)) if size else 0.0
+    if not size or number <= 0 or (size.group(2) is None and number > 1 and not text.isdigit()):
+        return f"must be a size such as 200GB or a share of the free disk such as 0.5, got {value!r}"
+    in_bytes = number * _UNITS[size.group(2)] if size.group(2) else number if number > 1 else None  # else a share
+    least = 3 * _UNITS["mb"] * int(CHUNK_BYTES.removesuffix("MB")) * (readers or 0)
+    if in_bytes is not None and in_bytes < least:
+        return (
+            f"{value!r} is too small for {readers} loader(s) reading one split (each holds about 3 chunks of {CHUNK_BYTES}, and "
+            f"litdata waits forever for a chunk it has no room for): give at least {math.ceil(least / 1e6)}MB, or fewer data.num_workers"
+        )
+    return None
 
 
 def is_url(location: str) -> bool:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 from conftest import bare_env
@@ -388,6 +389,25 @@ def test_configuration_problems_are_reported_together(tmp_path: Path, run_main) 
     # In a user's own code, at construction: before a fit's compute, not in its setup as a damaged dataset
     with pytest.raises(ValueError, match=r"optimized_cache_size must be a size such as 200GB .*, got 'banana'"):
         Food101DataModule(dataset=None, optimized_dir=str(tmp_path), optimized_cache_size="banana")
+
+
+def test_a_chunk_cache_too_small_for_the_loaders_is_refused_before_it_hangs(tmp_path: Path, run_main) -> None:
+    """litdata's loaders share a node's chunk cache, each holding about 3 chunks: with less room (a 20MB cache, 2 workers
+    on S3) the fit waited for a chunk that never came, then stopped after 120 s on a ChunkWaitTimeoutError traceback."""
+    streamed = ["fit", "--config", "configs/demo.yaml", "--data.data_dir=null", "--data.optimized_dir=s3://lit-lora/food"]
+    code, _, err = run_main([*streamed, "--data.optimized_cache_size=20MB", "--data.num_workers=2"], REPO)
+    assert code == 1 and "1 problem(s) in the configuration" in err
+    assert "data.optimized_cache_size '20MB' is too small for 2 loader(s) reading one split" in err and "give at least 48MB" in err
+    with pytest.raises(ValueError, match=r"optimized_cache_size '30MB' is too small for 2 loader\(s\)"):
+        Food101DataModule(dataset=None, optimized_dir="s3://lit-lora/food", optimized_cache_size="30MB", num_workers=2)
+    # Enough for one process, not for the node's two, which share its cache: refused as the fit sets up, before any read.
+    data = Food101DataModule(dataset=None, optimized_dir="s3://lit-lora/food", optimized_cache_size="60MB", num_workers=2)
+    data.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match=r"'60MB' is too small for 4 loader\(s\) .* at least 96MB.* \(2 processes on this node, 2 loader workers each\)"):
+        data.setup("fit")
+    # A local dataset is read in place, not through the cache; a share of the free disk is litdata's to size.
+    Food101DataModule(dataset=None, optimized_dir=str(tmp_path), optimized_cache_size="20MB", num_workers=2)
+    Food101DataModule(dataset=None, optimized_dir="s3://lit-lora/food", optimized_cache_size=0.01, num_workers=2)
 
 
 def test_optimized_training_images_smaller_than_the_crop_are_refused_before_decoding(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
