@@ -53,7 +53,8 @@ MANIFEST = "lit_lora_dataset.json"
 # few items it serves. With 64 MB chunks that made shuffled training from S3 run at 12 % of the same dataset on local
 # disk (233 vs 1,929 images/s, 2 workers, warm cache); with 8 MB chunks decoded whole, 101 % (1,803 vs 1,776):
 # `python benchmarks/streaming.py --images 3000` on the 2-core CPU machine (benchmarks/README.md).
-CHUNK_BYTES = "8MB"
+CHUNK_MB = 8
+CHUNK_BYTES = f"{CHUNK_MB}MB"
 BATCH_DECODE = "chunk"
 _UNITS = {"tb": 1e12, "gb": 1e9, "mb": 1e6, "kb": 1e3, "t": 1e12, "g": 1e9, "m": 1e6, "k": 1e3, "b": 1}  # litdata's: decimal
 
@@ -75,7 +76,7 @@ def cache_size_problem(value: str | float | None, readers: int | None = None) ->
     if not size or number <= 0 or (size.group(2) is None and number > 1 and not text.isdigit()):
         return f"must be a size such as 200GB or a share of the free disk such as 0.5, got {value!r}"
     in_bytes = number * _UNITS[size.group(2)] if size.group(2) else number if number > 1 else None  # else a share
-    least = 3 * _UNITS["mb"] * int(CHUNK_BYTES.removesuffix("MB")) * (readers or 0)
+    least = 3 * CHUNK_MB * 1e6 * (readers or 0)
     if in_bytes is not None and in_bytes < least:
         return (
             f"{value!r} is too small for {readers} loader(s) reading one split (each holds about 3 chunks of {CHUNK_BYTES}, and "
