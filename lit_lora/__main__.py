@@ -7,6 +7,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_lora.cli import cli_main
 from lit_lora.console import release_process_group
+from lit_lora.optimized import error_line, first_error
+
+TRACEBACK_HINT = "(set LIT_LORA_TRACEBACK=1 to see where it was raised)"
 
 
 def one_message(err: BaseException) -> str:
@@ -37,7 +40,15 @@ def main() -> NoReturn:
         # Our errors say what was wrong, where, and what to do; a traceback would bury that.
         if os.environ.get("LIT_LORA_TRACEBACK"):
             raise
-        print(f"lit_lora: error: {one_message(err)}\n(set LIT_LORA_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        print(f"lit_lora: error: {one_message(err)}\n{TRACEBACK_HINT}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:
+        if not getattr(err, "lit_lora_reading", False) or os.environ.get("LIT_LORA_TRACEBACK"):
+            raise
+        # The data could not be read (`AdapterCheckpoint` saved the fit and said how to resume): the root cause, not
+        # the loader worker's and the storage client's tracebacks (300 lines for an S3 endpoint that went away).
+        cause = first_error(str(err)) if "Original Traceback" in str(err) else error_line(err)  # from a loader worker, or not
+        print(f"lit_lora: error: reading the data failed: {cause}\n{TRACEBACK_HINT}", file=sys.stderr)
         sys.exit(1)
     release_process_group()
     sys.exit(0)

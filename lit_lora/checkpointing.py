@@ -228,6 +228,9 @@ class AdapterCheckpoint(ModelCheckpoint):
             when = "second Ctrl-C" if self._interrupts.signal_name == "SIGINT" else first
             log.info(f"\n[lit_lora] stopped at once ({when}): nothing saved; {kept}.")
             return
+        if getattr(exception, "lit_lora_reading", False):
+            self._save_on_read_error(trainer, path, exception)
+            return
         if not isinstance(exception, SIGTERMException):
             return
         self.last_model_path = path
@@ -237,6 +240,30 @@ class AdapterCheckpoint(ModelCheckpoint):
             f"[lit_lora] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. "
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
         )
+
+
+    def _save_on_read_error(self, trainer: pl.Trainer, path: str, exception: BaseException) -> None:
+        """The data could not be read (object storage unreachable after the storage client's retries, a file that went
+        missing): the fit's state is whole at its last batch, so save ``last.ckpt`` there, as on SIGTERM, and a resume
+        once the data can be read again loses nothing (a checkpoint from validation validates that epoch again).
+        Not under DDP: the failure reaches one process, which cannot save together with the others."""
+        if trainer.sanity_checking:
+            return
+        if trainer.world_size > 1:
+            kept = f"{path} (step {_saved_step(path)})" if os.path.isfile(path) else "no checkpoint"
+            log.info(f"[lit_lora] reading the data failed on process {trainer.global_rank} of {trainer.world_size}: nothing saved; the latest is {kept}.")
+            return
+        resume = f"When the data can be read again, resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
+        if not trainer.validating and trainer.fit_loop.epoch_loop.batch_progress.current.ready == 0:
+            # Before the epoch's first batch: the end of the last epoch is the state to resume from (a checkpoint of an
+            # epoch started with no batch resumed with the loader one epoch on: measured, other weights).
+            ended = os.path.isfile(path) and _saved_step(path) == trainer.global_step
+            where = f"{path} holds all that was trained. {resume}" if ended else "nothing of it was trained, and nothing saved."
+            log.info(f"[lit_lora] reading the data failed before the first batch of epoch {trainer.current_epoch}: {where}")
+            return
+        self.last_model_path = path
+        trainer.save_checkpoint(path, weights_only=False)
+        log.info(f"[lit_lora] reading the data failed at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. {resume}")
 
 
 def _saved_step(path: str) -> Any:

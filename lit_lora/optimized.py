@@ -307,7 +307,7 @@ def _optimize_split(split: str, output_dir: str, work_dir: str, **options: Any) 
     if isinstance(outcome, KeyboardInterrupt):
         raise stopped from None
     if outcome is not None:
-        cause = _first_error(str(outcome)) if isinstance(outcome, RuntimeError) else error_line(outcome)
+        cause = first_error(str(outcome)) if isinstance(outcome, RuntimeError) else error_line(outcome)
         raise ValueError(
             f"optimize stopped while writing {split} into {output_dir} ({cause}); the dataset there is marked incomplete: "
             "fix the cause and run it again (fit rebuilds a local one itself)."
@@ -469,7 +469,7 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
-def _first_error(text: str) -> str:
+def first_error(text: str) -> str:
     """The first ``SomeError: message`` line of a traceback's text (the root cause), else its last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +28,17 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
         yield
     finally:
         generator.set_state(state)
+
+
+def marking_read_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """Yield ``batches``; an exception raised while reading the next one (storage gone, a file that cannot be read with
+    ``on_bad_image="error"``) gets ``lit_lora_reading = True``: the data failed, not training, so the fit's state at
+    its last batch is whole and `AdapterCheckpoint` saves it to resume from."""
+    try:
+        yield from batches
+    except Exception as err:
+        err.lit_lora_reading = True  # type: ignore[attr-defined]
+        raise
 
 
 class SeededShuffleSampler(DistributedSampler):
@@ -107,7 +118,7 @@ class ResumableDataLoader(DataLoader):
             check_rest_of_epoch(resume, left, len(self), self.batch_size, sampler.num_replicas)
         sampler.skip = resume["images"]
         self.epoch, self.batches, self.images = sampler.epoch, resume["batches"], resume["images"]
-        for batch in super().__iter__():
+        for batch in marking_read_errors(super().__iter__()):
             self.batches += 1
             self.images += self.batch_size * sampler.num_replicas
             yield batch

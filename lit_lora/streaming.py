@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lit_lora.optimized import BATCH_DECODE, is_url
-from lit_lora.sampling import check_rest_of_epoch, seeded_cpu_rng
+from lit_lora.sampling import check_rest_of_epoch, marking_read_errors, seeded_cpu_rng
 
 with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
     from litdata import StreamingDataLoader, StreamingDataset
@@ -114,7 +114,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
             self.restore = False
         self._replaying = self.restore
         self._position, self._resumed_batches = {"batches": self._resumed_batches, "epoch_done": False}, 0
-        for batch in super().__iter__():
+        for batch in marking_read_errors(super().__iter__()):
             self._position["batches"] += 1
             yield batch
         self._position["epoch_done"] = True

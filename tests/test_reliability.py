@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 from conftest import bare_env
 from PIL import Image
 from test_cli import common_args, finish_cli, start_cli
@@ -469,3 +470,79 @@ def test_decoder_warnings_are_counted_once_not_printed_per_image(tmp_path: Path,
     listing = (tmp_path / "image_warnings.txt").read_text().splitlines()
     assert len(listing) == 12 and all("DecompressionBombWarning" in line for line in listing)
     assert caplog.text.count("image(s) read with a warning from the decoder") == 1
+
+
+class ImagesCutShortAtBatch(pl.Callback):
+    """After training batch ``batch`` of epoch ``epoch``, every JPEG under ``folder`` is cut to its first 100 bytes (a
+    data set overwritten, or a network disk failing, mid-run); the test puts them back."""
+
+    def __init__(self, folder: str, epoch: int = 1, batch: int = 1) -> None:
+        self.folder, self.epoch, self.batch = folder, epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            for path in Path(self.folder).rglob("*.jpg"):
+                path.write_bytes(path.read_bytes()[:100])
+
+
+def test_data_that_fails_mid_fit_leaves_a_checkpoint_that_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit: str, food101_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A training batch that cannot be read (here: every image cut short after batch 2 of the second epoch, with
+    on_bad_image error; on a stream, storage that stopped answering) stops the fit with last.ckpt saved at its last
+    trained batch, inside the accumulation window, and says how to resume (before: nothing saved since the last epoch's
+    end). With the images back, the resumed fit ends with the weights, AdamW moments and learning rate of a fit that
+    never stopped."""
+    from test_checkpoints import assert_same_training_state
+
+    data = tmp_path / "data"
+    shutil.copytree(food101_dir, data)
+    images = {path: path.read_bytes() for path in data.rglob("*.jpg")}
+    args = [*common_args(tiny_vit, str(data)), "--data.on_bad_image=error", "--trainer.max_epochs=2", "--trainer.accumulate_grad_batches=4",
+            "--trainer.enable_progress_bar=false"]
+    for name in ("straight", "stopped"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    cli_main(["fit", *args])
+    monkeypatch.chdir(tmp_path / "stopped")
+    with pytest.raises(BadImageError) as failed:
+        cli_main(["fit", *args, "--trainer.callbacks+=test_reliability.ImagesCutShortAtBatch", f"--trainer.callbacks.init_args.folder={data}"])
+    assert failed.value.lit_lora_reading  # a failure of the data, which python -m lit_lora reports in one line
+    last = tmp_path / "stopped" / "checkpoints" / "run" / "version_0" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 1 and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 2
+    assert saved["global_step"] == 2 and "accumulated_gradients" in saved  # 5 batches an epoch: steps after batches 4 and 5
+    assert f"saved {last}. When the data can be read again, resume with: python -m lit_lora fit <same arguments> --ckpt_path {last}" in caplog.text
+
+    for path, content in images.items():
+        path.write_bytes(content)
+    cli_main(["fit", *args, f"--ckpt_path={last}"])
+    assert_same_training_state(tmp_path / "straight" / "checkpoints" / "run" / "version_0" / "last.ckpt", last, global_step=4)
+
+
+def test_a_loader_worker_that_cannot_reach_the_data_is_one_line(run_main, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a loader worker re-raises the S3 client's error after its retries (its traceback and the client's debug
+    output in the message: some 300 lines before), python -m lit_lora prints its root cause in one line."""
+    import lit_lora.__main__
+
+    worker = (
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+        "obstore.exceptions.GenericError: Generic S3 error: Error performing GET https://127.0.0.1:1/b/train/chunk-0-3.bin in 2.9s, "
+        "after 10 retries - HTTP error: error sending request\n\nDebug source:\nGeneric {\n}\n\nThe above exception was the direct cause of the "
+        "following exception:\n\nRuntimeError: Chunk prefetch thread crashed while waiting for /cache/chunk-0-3.bin.\nDebug source:\nGeneric {\n}\n"
+    )
+
+    def fails(*args, **kwargs):
+        error = RuntimeError(worker)
+        error.lit_lora_reading = True
+        raise error
+
+    monkeypatch.setattr(lit_lora.__main__, "cli_main", fails)
+    code, _, err = run_main(["fit"])
+    assert code == 1 and "Debug source" not in err and "Original" not in err
+    assert err.splitlines()[0] == (
+        "lit_lora: error: reading the data failed: obstore.exceptions.GenericError: Generic S3 error: Error performing GET "
+        "https://127.0.0.1:1/b/train/chunk-0-3.bin in 2.9s, after 10 retries - HTTP error: error sending request"
+    )
+    # Any other exception keeps its traceback: it is a bug to report, not bad data.
+    monkeypatch.setattr(lit_lora.__main__, "cli_main", lambda: (_ for _ in ()).throw(RuntimeError(worker)))
+    with pytest.raises(RuntimeError):
+        run_main(["fit"])
