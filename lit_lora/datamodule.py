@@ -370,7 +370,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 return OptimizedImages(location, seed=self.seed, storage_options=self.storage_options, max_cache_size=self.optimized_cache_size, **kwargs)
             except Exception as err:  # litdata's own checks (an AssertionError for an index without chunks) and storage errors
                 raise ValueError(
-                    f"cannot read the {name} split of data.optimized_dir at {location} ({optimized.error_line(err)}); if it is damaged, "
+                    f"cannot read the {name} split of data.optimized_dir at {location} ({optimized.error_line(err)}); for a URL, check "
+                    "that its storage answers (endpoint, network, credentials: --data.storage_options, AWS_*); if the split is damaged, "
                     "rebuild it with `python -m lit_lora optimize ... --overwrite true`."
                 ) from err
 

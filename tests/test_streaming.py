@@ -236,7 +236,7 @@ def test_fits_started_together_on_a_new_optimized_dir_wait_for_the_first_to_buil
         Food101DataModule(**settings).prepare_data()
 
     (folder / "val" / "index.json").write_text('{"chunks": [], "config": null}')
-    with pytest.raises(ValueError, match=r"cannot read the val split of data.optimized_dir at .*/val \(AssertionError: .*--overwrite true"):
+    with pytest.raises(ValueError, match=r"cannot read the val split of data.optimized_dir at .*/val \(AssertionError: .*check that its storage answers .*damaged, rebuild it .*--overwrite true"):
         Food101DataModule(**settings).setup("fit")
     foreign = tmp_path / "mine"
     foreign.mkdir()
