@@ -62,10 +62,11 @@ def quiet_other_libraries() -> None:
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    chatter = _DropChatter(LIGHTNING_CHATTER)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch"):
-        logging.getLogger(name).addFilter(chatter)
-    logging.getLogger("litdata.streaming.dataset").addFilter(_DropChatter(LITDATA_CHATTER))
+    loggers = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch")
+    for names, chatter in ((loggers, LIGHTNING_CHATTER), (("litdata.streaming.dataset",), LITDATA_CHATTER)):
+        for logger in map(logging.getLogger, names):
+            if not any(isinstance(f, _DropChatter) for f in logger.filters):  # once, however many times the CLI runs here
+                logger.addFilter(_DropChatter(chatter))
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import socket
 import threading
@@ -20,7 +21,7 @@ from lit_lora import Food101DataModule, optimized
 from lit_lora.cli import cli_main
 from lit_lora.optimized import fingerprint, read_manifest
 from lit_lora.runs import RunLock
-from lit_lora.streaming import OptimizedImages
+from lit_lora.streaming import OptimizedImages, _not_litdata_cache_advice
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
@@ -37,7 +38,9 @@ def food101_on_s3(s3, tiny_vit: str, food101_dir: str) -> str:
     return url
 
 
-def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_optimize_to_s3_writes_the_splits_fit_uses(
+    food101_on_s3: str, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     manifest = read_manifest(food101_on_s3)
     assert manifest["state"] == "complete" and manifest["splits"] == {"train": 36, "val": 12, "test": 16}
     assert manifest["class_names"] == ["tomato", "matcha", "blueberry", "banana"] and manifest["unreadable"] == {}
@@ -60,6 +63,12 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(food101_on_s3: str, tiny_vit:
     default = Food101DataModule(optimized_dir=food101_on_s3, image_processor=tiny_vit, dataset=None)
     default.setup("fit")
     assert default.train_table.max_cache_size is None
+    # A cache that fits lit_lora's 8MB chunks: litdata's advice for its ~64MB ones ("at least 25GB") is not repeated per split.
+    small = Food101DataModule(optimized_dir=food101_on_s3, image_processor=tiny_vit, dataset=None, optimized_cache_size="100MB", num_workers=1)
+    small.setup("fit")
+    assert small.train_table.max_cache_size == "100MB" and "25GB" not in caplog.text
+    filters = logging.getLogger("litdata.streaming.dataset").filters
+    assert _not_litdata_cache_advice not in filters and len(filters) <= 1  # the CLI's one, however many times it ran here
 
 
 def test_optimize_writes_where_the_config_reads_optimized_data_by_default(tmp_path: Path, tiny_vit: str, food101_dir: str, run_main) -> None:
