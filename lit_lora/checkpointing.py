@@ -229,7 +229,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             log.info(f"\n[lit_lora] stopped at once ({when}): nothing saved; {kept}.")
             return
         if getattr(exception, "lit_lora_reading", False):
-            self._save_on_read_error(trainer, path, exception)
+            self._save_on_read_error(trainer, path)
             return
         if not isinstance(exception, SIGTERMException):
             return
@@ -241,8 +241,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             f"Resume with: python -m lit_lora fit <same arguments> --ckpt_path {path}"
         )
 
-
-    def _save_on_read_error(self, trainer: pl.Trainer, path: str, exception: BaseException) -> None:
+    def _save_on_read_error(self, trainer: pl.Trainer, path: str) -> None:
         """The data could not be read (object storage unreachable after the storage client's retries, a file that went
         missing): the fit's state is whole at its last batch, so save ``last.ckpt`` there, as on SIGTERM, and a resume
         once the data can be read again loses nothing (a checkpoint from validation validates that epoch again).

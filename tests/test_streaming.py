@@ -71,6 +71,22 @@ def test_optimize_to_s3_writes_the_splits_fit_uses(
     assert _not_litdata_cache_advice not in filters and len(filters) <= 1  # the CLI's one, however many times it ran here
 
 
+class _StorageGone(OptimizedImages):
+    def __getitem__(self, index: Any) -> dict[str, Any]:
+        raise OSError("Generic S3 error: error sending request")
+
+
+def test_a_stream_that_cannot_be_read_marks_its_error_for_the_checkpoint(food101_on_s3: str) -> None:
+    """The streaming loader marks what reading its next batch raised, as the file loader does: `AdapterCheckpoint` then
+    saves the fit at its last batch (`test_reliability.py::test_data_that_fails_mid_fit_leaves_a_checkpoint_that_resumes_exactly`)."""
+    from lit_lora.streaming import ResumableStreamingDataLoader
+
+    loader = ResumableStreamingDataLoader(_StorageGone(f"{food101_on_s3}/val"), batch_size=4, num_workers=0)
+    with pytest.raises(OSError, match="error sending request") as failed:
+        next(iter(loader))
+    assert failed.value.lit_lora_reading
+
+
 def test_optimize_writes_where_the_config_reads_optimized_data_by_default(tmp_path: Path, tiny_vit: str, food101_dir: str, run_main) -> None:
     """A config that fits on ``data.optimized_dir`` optimizes into it without ``--output_dir``; with neither, the missing
     destination is reported with the configuration's other problems (before: one at a time, the model's first)."""
