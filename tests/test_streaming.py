@@ -123,23 +123,39 @@ def test_a_url_whose_endpoint_refuses_fails_in_seconds(monkeypatch: pytest.Monke
     assert isinstance(outcome[0], ValueError) and "cannot read the optimized dataset at s3://bucket/food101 (EndpointConnectionError" in str(outcome[0])
 
 
-def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str, tiny_vit: str, tmp_path: Path) -> None:
+def test_fit_validate_predict_stream_from_s3_on_two_processes(food101_on_s3: str, tiny_vit: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes streaming from the S3 server: fit, preempted on one process 2 batches into its second epoch (refused
+    on 1 process, resumed on 2: every image of each epoch once), then validate and predict (every image once)."""
     # Only the bucket: no image folder on this "node"; the labels come from the optimized dataset.
     args = [f"--model.model_name_or_path={tiny_vit}", f"--data.optimized_dir={food101_on_s3}", "--data.batch_size=4", "--data.num_workers=0",
             "--trainer.precision=32-true", "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
             "--trainer.logger.init_args.save_dir=checkpoints", "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false"]
-    fitted = run_cli(["fit", *args, *DDP, "--trainer.max_epochs=2", "--trainer.callbacks+=test_streaming.RecordImages"], tmp_path)
-    assert f"{food101_on_s3}: 36 train / 12 validation images" in fitted.stdout + fitted.stderr  # the dataset's, not one process's share
-    said = fitted.stdout + fitted.stderr
+    fit_args = ["fit", *args, "--trainer.max_epochs=2", "--trainer.callbacks+=test_streaming.RecordImages"]
+    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.epoch=1", "--trainer.callbacks.init_args.batch=1",
+            "--trainer.callbacks.init_args.rank=1"]
+    stopped = run_cli([*fit_args, *DDP, *stop], tmp_path, check=False)
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 143, said[-3000:]
+    assert f"{food101_on_s3}: 36 train / 12 validation images" in said  # the dataset's, not one process's share
     assert said.count("litdata trains 32 of the 36 training images each epoch on 2 processes") == 1  # said once, not per process or epoch
     assert "sync_dist=True" not in said  # train/images_per_sec is reduced across processes, no warning
     assert "disabled the `drop_last` option" not in said and "Seed set to" not in said  # litdata on the evaluation split; process 1's seed line
     run = tmp_path / "checkpoints" / "run" / "version_0"
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 4 + 2  # 4 batches per process and epoch, then 2
+
+    # On one process (a smaller allocation), refused in one line before any batch (litdata 0.2.76 stopped with its own
+    # "drop_last state doesn't match" error; with that check passed, it repeated 4 of the epoch's 36 images and skipped 4).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"saved 2 batches into an epoch of optimized data on 2 process\(es\), and this run has 1: .*Resume on 2 process\(es\)"):
+        cli_main([*fit_args[:-1], "--data.batch_size=8", f"--ckpt_path={run / 'last.ckpt'}"])
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 6  # nothing trained
+    run_cli([*fit_args, *DDP, f"--ckpt_path={run / 'last.ckpt'}"], tmp_path)
+
     seen = [line.split() for rank in (0, 1) for line in (tmp_path / f"seen-rank{rank}.txt").read_text().splitlines()]
     epochs = [[name for e, name in seen if e == epoch] for epoch in ("0", "1")]
     for names in epochs:
         # litdata evens out the processes' shares of the 36 training images to whole batches: 2 x 4 batches of 4,
-        # each image at most once; the few left over differ from epoch to epoch (a new shuffle).
+        # each image at most once (also across the preemption); the few left over differ from epoch to epoch (a new shuffle).
         assert len(names) == len(set(names)) == 32
     assert set(epochs[0]) != set(epochs[1])
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2 * 4
@@ -529,22 +545,6 @@ def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path,
     with pytest.warns(UserWarning, match=r"saved with 2 loader worker\(s\) per process and this run has 1: .* set data.num_workers to 2"):
         resumed.load_state_dict(state)
     assert first + [batch["index"].tolist() for batch in resumed] == whole
-
-
-def test_a_streamed_epoch_preempted_on_two_processes_is_not_resumed_on_one(tmp_path: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """2 processes, preempted 2 batches into an epoch of optimized data, resumed on 1 process (a smaller allocation):
-    refused in one line before any batch. (Resumed, litdata 0.2.76 stopped with its own "drop_last state doesn't match"
-    ValueError; with that check passed, it repeated 4 of the epoch's 36 images and skipped 4.)"""
-    args = [*common_args(tiny_vit, food101_dir), f"--data.optimized_dir={tmp_path / 'optimized'}", "--trainer.max_epochs=1", "--data.batch_size=4"]
-    stop = ["--trainer.callbacks+=test_checkpoints.SignalAtBatch", "--trainer.callbacks.init_args.epoch=0", "--trainer.callbacks.init_args.batch=1",
-            "--trainer.callbacks.init_args.rank=1"]
-    stopped = run_cli(["fit", *args, *DDP, *stop], tmp_path, check=False)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    last = tmp_path / "checkpoints" / "run" / "version_0" / "last.ckpt"
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"saved 2 batches into an epoch of optimized data on 2 process\(es\), and this run has 1: .*Resume on 2 process\(es\)"):
-        cli_main(["fit", *args, "--data.batch_size=8", f"--ckpt_path={last}"])
-    assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
 
 
 @pytest.mark.parametrize("source", ["optimized", "files"])
