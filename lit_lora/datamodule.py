@@ -24,7 +24,7 @@ from lit_lora.transforms import ImageSettings, eval_transform, load_image_settin
 from lit_lora.workers import WorkerStart
 
 if TYPE_CHECKING:  # litdata is imported where optimized data is read (`lit_lora.streaming` says why)
-    from lit_lora.streaming import OptimizedImages, ResumableStreamingDataLoader
+    from lit_lora.streaming import ChunkCacheUse, OptimizedImages, ResumableStreamingDataLoader
 
 
 def default_num_workers() -> int:
@@ -191,6 +191,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.test_table: ImageTable | OptimizedImages | None = None
         self.predict_table: FileTable | OptimizedImages | None = None
         self._train_loader: ResumableDataLoader | ResumableStreamingDataLoader | None = None
+        self._cache_use: ChunkCacheUse | None = None  # of an optimized_dir URL, while set up
         self._saved_train_state: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
         self._fit_images_of: tuple[Any, ...] = (None, None, None)  # (train table, validation table, their digests)
 
@@ -362,7 +363,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if split not in manifest["splits"]:
             raise ValueError(f"data.optimized_dir {self.optimized_dir} has no {split} split (it has {list(manifest['splits'])}).")
 
-        from lit_lora.streaming import OptimizedImages
+        from lit_lora.streaming import ChunkCacheUse, OptimizedImages
 
         def stream(name: str, **kwargs: Any) -> OptimizedImages:
             location = optimized.join(self.optimized_dir, manifest.get("folders", {}).get(name, name))  # a test split also validated on is stored once, as val
@@ -384,6 +385,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             self.test_table = stream("test")
         else:
             self.predict_table = stream("test")
+        if optimized.is_url(self.optimized_dir) and (self.trainer is None or self.trainer.local_rank == 0):
+            self._cache_use = ChunkCacheUse(self.optimized_dir)
+            read = [t for t in (self.train_table, self.val_table) if t is not None] if stage in ("fit", "validate") else [self.test_table or self.predict_table]
+            limit = optimized.cache_bytes(self.optimized_cache_size, str(self._cache_use.folder))
+            self._cache_use.acquire(evicts=limit is not None and limit < sum(table.stored_bytes for table in read))
+
+    def teardown(self, stage: str) -> None:
+        """Let other runs on this node that limit the chunk cache stream this run's ``optimized_dir`` URL."""
+        if self._cache_use is not None:
+            self._cache_use.release()
 
     def _setup_files(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_table is None:

@@ -70,12 +70,10 @@ def cache_size_problem(value: str | float | None, readers: int | None = None) ->
     """
     if value is None:
         return None
-    text = str(value).strip().lower()
-    size = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(tb|gb|mb|kb|t|g|m|k|b)?", text)
-    number = float(size.group(1)) if size else 0.0
-    if not size or number <= 0 or (size.group(2) is None and number > 1 and not text.isdigit()):
+    size = _parse_cache_size(value)
+    if size is None:
         return f"must be a size such as 200GB or a share of the free disk such as 0.5, got {value!r}"
-    in_bytes = number * _UNITS[size.group(2)] if size.group(2) else number if number > 1 else None  # else a share
+    in_bytes, _ = size
     least = 3 * CHUNK_MB * 1e6 * (readers or 0)
     if in_bytes is not None and in_bytes < least:
         return (
@@ -83,6 +81,28 @@ def cache_size_problem(value: str | float | None, readers: int | None = None) ->
             f"litdata waits forever for a chunk it has no room for): give at least {math.ceil(least / 1e6)}MB, or fewer data.num_workers"
         )
     return None
+
+
+def _parse_cache_size(value: str | float) -> tuple[float | None, float | None] | None:
+    """``(bytes, None)`` or ``(None, share of the free disk)`` for a chunk cache size, None if it is neither."""
+    text = str(value).strip().lower()
+    size = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(tb|gb|mb|kb|t|g|m|k|b)?", text)
+    number = float(size.group(1)) if size else 0.0
+    if not size or number <= 0 or (size.group(2) is None and number > 1 and not text.isdigit()):
+        return None
+    if size.group(2) or number > 1:
+        return number * _UNITS[size.group(2) or "b"], None
+    return None, number
+
+
+def cache_bytes(value: str | float | None, folder: str) -> float | None:
+    """The size of litdata's chunk cache in bytes that a valid ``value`` sets (a share: of the free disk under ``folder``);
+    None when unset (litdata's default: 75 % of the free disk)."""
+    size = _parse_cache_size(value) if value is not None else None
+    if size is None:
+        return None
+    in_bytes, share = size
+    return in_bytes if in_bytes is not None else share * shutil.disk_usage(folder).free
 
 
 def is_url(location: str) -> bool:

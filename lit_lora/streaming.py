@@ -9,9 +9,12 @@ leaves that choice to the user (`tests/test_library.py`).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,7 @@ from lit_lora.sampling import check_rest_of_epoch, marking_read_errors, seeded_c
 
 with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
     from litdata import StreamingDataLoader, StreamingDataset
+    from litdata.utilities.dataset_utilities import get_default_cache_dir
 
 
 class OptimizedImages(StreamingDataset):
@@ -63,6 +67,12 @@ class OptimizedImages(StreamingDataset):
         self.augment = transform
         if not is_url(location):
             _check_chunks(Path(location))
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of this split's chunks, as its index lists them."""
+        index = json.loads((Path(self.input_dir.path) / "index.json").read_text())
+        return sum(chunk["chunk_bytes"] for chunk in index["chunks"])
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         item = super().__getitem__(index)
@@ -178,3 +188,52 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
                 f"epoch exactly, but orders the later ones by the worker count; for the uninterrupted run's order, set data.num_workers "
                 f"to {theirs}."
             )
+
+
+class ChunkCacheUse:
+    """A run's use of litdata's local chunk cache (``LITDATA_CACHE_DIR``) for the optimized dataset at ``url``, held by one
+    process per node (processes of one run share the cache as litdata means them to).
+
+    litdata 0.2.76 shares that cache with every process on the node that streams the same URL, and one that evicts
+    chunks (``optimized_cache_size`` smaller than the splits it reads) deletes chunks that another run is about to read.
+    Measured with two fits of a sweep on one S3 dataset, 24MB caches in one folder: one waited 120 s for a deleted
+    chunk and failed (``ChunkWaitTimeoutError``), the other ran 5x slower; in folders of their own, both ran as fast as
+    alone. So a run that evicts holds the cache alone, any other shares it (an ``flock``, which the kernel releases
+    when the process ends, however it ends), and a run that would break another is refused in one line before any
+    compute. Runs in one process follow each other (a notebook's, one that failed included): each takes over the
+    process's hold.
+    """
+
+    _held: dict[Path, int] = {}  # lock file -> this process's descriptor
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.folder = Path(get_default_cache_dir())
+        self.path = self.folder / f".lit_lora-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+
+    def acquire(self, evicts: bool) -> None:
+        """Hold the cache: alone if this run ``evicts`` chunks, else shared.
+
+        Raises:
+            ValueError: another process on this node streams ``url`` through the same cache, and one of the two evicts.
+        """
+        if self.path not in self._held:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._held[self.path] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._held[self.path], (fcntl.LOCK_EX if evicts else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            which = "this run limits it (data.optimized_cache_size)" if evicts else "that run limits it (data.optimized_cache_size)"
+            raise ValueError(
+                f"another run on this node streams {self.url} through litdata's chunk cache {self.folder}, and {which}: litdata "
+                "would delete chunks the other is about to read (a 120 s wait, then a failure). Give each run a cache folder of "
+                "its own (LITDATA_CACHE_DIR=<folder> python -m lit_lora ...), or wait for the other run to end."
+            ) from None
+
+    def release(self) -> None:
+        """Let runs that evict use the cache again."""
+        fd = self._held.pop(self.path, None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # not only close: loader workers forked while it was held share the lock
+            os.close(fd)

@@ -600,3 +600,55 @@ def test_image_files_resume_an_epoch_on_another_number_of_processes_with_each_im
         loader.load_state_dict(states[0])
         rest += [row for batch in loader for row in batch.tolist()]
     assert sorted(trained + rest) == list(range(48))
+
+
+def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused(s3, tiny_vit: str, tmp_path: Path) -> None:
+    """Two runs streaming one URL through one chunk cache, one of them limiting it below the size of the splits it reads
+    (a sweep's fits): litdata 0.2.76 deletes chunks the other is about to read (measured: a 120 s wait, then a failure).
+    The second is refused in one line; runs whose cache holds the data share it, and a run in the same process (a
+    notebook's next one) takes over its hold."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(48):  # stored as 480 x 640 uint8, the 36 training images take 33 MB: more than a 24MB cache
+        (tmp_path / "large" / f"class{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(tmp_path / "large" / f"class{i % 4}" / f"{i}.jpg")
+    url = s3.url("large")
+    options = dict(optimized_dir=url, image_processor=tiny_vit, num_workers=0, optimized_train_side=480)
+    Food101DataModule(**options, data_dir=str(tmp_path / "large"), train_split="train", val_size=0.25).optimize(url)
+    refused = r"another run on this node streams s3://\S+ through litdata's chunk cache .*, and {} limits it .*LITDATA_CACHE_DIR=<folder>"
+    hold = (
+        "import sys, time\nfrom lit_lora import Food101DataModule\n"
+        f"data = Food101DataModule(**{options!r}, optimized_cache_size=sys.argv[1] or None)\n"
+        "data.setup('fit')\nprint('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n"
+    )
+
+    def other_run(cache_size: str, seconds: float = 60) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", hold, cache_size, str(seconds)], stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert process.stdout.readline().strip() == "held"
+        return process
+
+    sharing = other_run("")
+    try:
+        Food101DataModule(**options, optimized_cache_size="1GB").setup("validate")  # holds the data: no eviction
+        with pytest.raises(ValueError, match=refused.format("this run")):
+            Food101DataModule(**options, optimized_cache_size="24MB").setup("fit")
+    finally:
+        sharing.kill()
+        sharing.wait()
+    evicting = other_run("24MB")
+    try:
+        with pytest.raises(ValueError, match=refused.format("that run")):
+            Food101DataModule(**options).setup("fit")
+    finally:
+        evicting.kill()
+        evicting.wait()
+    first, then = Food101DataModule(**options), Food101DataModule(**options, optimized_cache_size="24MB")
+    first.setup("fit")  # then fails, say, and is never torn down
+    then.setup("fit")
+    then.teardown("fit")  # other runs may use the cache again
+    assert other_run("24MB", seconds=0).wait() == 0
