@@ -54,6 +54,9 @@ def settings_problems(
     cache = optimized.cache_size_problem(optimized_cache_size, readers)  # else litdata refuses it in setup, or hangs
     if cache:
         problems.append(f"{prefix}optimized_cache_size {cache}")
+    environment = optimized.environment_cache_problem(optimized_cache_size, readers) if streamed else None
+    if environment:
+        problems.append(environment if environment.startswith("MAX_CACHE_SIZE") else prefix + environment)
     if val_split is None and not 0.0 < val_size < 1.0:
         problems.append(f"{prefix}val_size must be between 0 and 1 (exclusive), got {val_size}")
     if batch_size < 1:
@@ -148,7 +151,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             optimized_cache_size: how much of an ``optimized_dir`` URL each node keeps in litdata's chunk cache
                 (``LITDATA_CACHE_DIR``), e.g. ``200GB`` or ``0.5`` of the free disk; chunks beyond it are deleted once
                 read and downloaded again next epoch; at least 24MB for each loader worker of every process on the node.
-                By default litdata's: 75 % of the free disk, leaving 50 GB free.
+                By default litdata's: 75 % of the free disk, leaving 50 GB free. litdata puts the environment's
+                ``MAX_CACHE_SIZE`` first: one set to another size is refused.
             on_bad_image: what to do with a file that cannot be read (truncated, empty, not an image, too large):
                 ``skip`` leaves it out, counts it and lists it at the end of the epoch; ``error`` stops (on an optimized
                 dataset that left such files out: before training).
@@ -355,9 +359,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def _setup_optimized(self, stage: str) -> None:
         processes = self.trainer.num_devices if self.trainer is not None else 1  # on this node, sharing its chunk cache
-        cache = optimized.cache_size_problem(self.optimized_cache_size, max(1, self.num_workers) * processes) if optimized.is_url(self.optimized_dir) else None
+        size = optimized.cache_size_in_effect(self.optimized_cache_size)
+        cache = optimized.cache_size_problem(size, max(1, self.num_workers) * processes) if optimized.is_url(self.optimized_dir) else None
         if cache and processes > 1:  # with one process, __init__ has said so
-            raise ValueError(f"data.optimized_cache_size {cache} ({processes} processes on this node, {self.num_workers} loader workers each).")
+            name = "data.optimized_cache_size" if size == self.optimized_cache_size else "MAX_CACHE_SIZE (environment)"
+            raise ValueError(f"{name} {cache} ({processes} processes on this node, {self.num_workers} loader workers each).")
         manifest = self.optimized_manifest()
         split = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}[stage]
         if split not in manifest["splits"]:
@@ -389,7 +395,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             self._cache_use = ChunkCacheUse(self.optimized_dir)
             read = [t for t in (self.train_table, self.val_table) if t is not None] if stage in ("fit", "validate") else [self.test_table or self.predict_table]
             limit = optimized.cache_bytes(self.optimized_cache_size, str(self._cache_use.folder))
-            self._cache_use.acquire(evicts=limit is not None and limit < sum(table.stored_bytes for table in read))
+            self._cache_use.acquire(evicts=limit < sum(table.stored_bytes for table in read))
 
     def teardown(self, stage: str) -> None:
         """Let other runs on this node that limit the chunk cache stream this run's ``optimized_dir`` URL."""

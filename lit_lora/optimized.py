@@ -56,6 +56,7 @@ MANIFEST = "lit_lora_dataset.json"
 CHUNK_MB = 8
 CHUNK_BYTES = f"{CHUNK_MB}MB"
 BATCH_DECODE = "chunk"
+LITDATA_DEFAULT_SHARE = 0.75  # of the free disk: litdata 0.2.76's chunk cache size when none is given
 _UNITS = {"tb": 1e12, "gb": 1e9, "mb": 1e6, "kb": 1e3, "t": 1e12, "g": 1e9, "m": 1e6, "k": 1e3, "b": 1}  # litdata's: decimal
 
 
@@ -95,13 +96,28 @@ def _parse_cache_size(value: str | float) -> tuple[float | None, float | None] |
     return None, number
 
 
-def cache_bytes(value: str | float | None, folder: str) -> float | None:
-    """The size of litdata's chunk cache in bytes that a valid ``value`` sets (a share: of the free disk under ``folder``);
-    None when unset (litdata's default: 75 % of the free disk)."""
-    size = _parse_cache_size(value) if value is not None else None
-    if size is None:
-        return None
-    in_bytes, share = size
+def cache_size_in_effect(value: str | float | None) -> str | float | None:
+    """The chunk cache size litdata 0.2.76 uses when given ``value``: the environment's ``MAX_CACHE_SIZE`` comes first."""
+    return os.environ.get("MAX_CACHE_SIZE", "").strip() or value
+
+
+def environment_cache_problem(value: str | float | None, readers: int | None = None) -> str | None:
+    """What is wrong with the environment's ``MAX_CACHE_SIZE``, which litdata 0.2.76 uses instead of the size lit_lora
+    gives it (``value``, ``data.optimized_cache_size``): as `cache_size_problem`, or a size other than ``value``."""
+    env = os.environ.get("MAX_CACHE_SIZE", "").strip()
+    problem = cache_size_problem(env, readers) if env else None
+    if problem:
+        return f"MAX_CACHE_SIZE (environment) {problem}"
+    if env and value is not None and _parse_cache_size(value) != _parse_cache_size(env):
+        return f"optimized_cache_size {value!r} differs from the environment's MAX_CACHE_SIZE {env!r}, which litdata uses instead: unset one of them"
+    return None
+
+
+def cache_bytes(value: str | float | None, folder: str) -> float:
+    """The most bytes litdata's chunk cache under ``folder`` holds with ``value`` (or ``MAX_CACHE_SIZE``) as its size: a
+    share is of the free disk; unset, litdata's default is at most 75 % of it (less where that leaves under 50 GB)."""
+    size = _parse_cache_size(cache_size_in_effect(value) or LITDATA_DEFAULT_SHARE)
+    in_bytes, share = size or (math.inf, None)  # not a size: refused before setup (`cache_size_problem`)
     return in_bytes if in_bytes is not None else share * shutil.disk_usage(folder).free
 
 

@@ -195,7 +195,7 @@ class ChunkCacheUse:
     process per node (processes of one run share the cache as litdata means them to).
 
     litdata 0.2.76 shares that cache with every process on the node that streams the same URL, and one that evicts
-    chunks (``optimized_cache_size`` smaller than the splits it reads) deletes chunks that another run is about to read.
+    chunks (a cache size smaller than the splits it reads: `optimized.cache_bytes`) deletes chunks that another run is about to read.
     Measured with two fits of a sweep on one S3 dataset, 24MB caches in one folder: one waited 120 s for a deleted
     chunk and failed (``ChunkWaitTimeoutError``), the other ran 5x slower; in folders of their own, both ran as fast as
     alone. So a run that evicts holds the cache alone, any other shares it (an ``flock``, which the kernel releases
@@ -224,9 +224,10 @@ class ChunkCacheUse:
             fcntl.flock(self._held[self.path], (fcntl.LOCK_EX if evicts else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
-            which = "this run limits it (data.optimized_cache_size)" if evicts else "that run limits it (data.optimized_cache_size)"
+            which = "this run's" if evicts else "that run's"
             raise ValueError(
-                f"another run on this node streams {self.url} through litdata's chunk cache {self.folder}, and {which}: litdata "
+                f"another run on this node streams {self.url} through litdata's chunk cache {self.folder}, and {which} cache is "
+                "smaller than the data (data.optimized_cache_size, MAX_CACHE_SIZE or 75 % of the free disk): litdata "
                 "would delete chunks the other is about to read (a 120 s wait, then a failure). Give each run a cache folder of "
                 "its own (LITDATA_CACHE_DIR=<folder> python -m lit_lora ...), or wait for the other run to end."
             ) from None

@@ -411,6 +411,27 @@ def test_a_chunk_cache_too_small_for_the_loaders_is_refused_before_it_hangs(tmp_
     Food101DataModule(dataset=None, optimized_dir="s3://lit-lora/food", optimized_cache_size=0.01, num_workers=2)
 
 
+
+def test_max_cache_size_in_the_environment_is_checked_as_litdata_uses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """litdata 0.2.76 takes the environment's MAX_CACHE_SIZE before the size lit_lora gives it: a data.optimized_cache_size
+    that differs was silently ignored, and a MAX_CACHE_SIZE too small for the loaders hung as a small size did."""
+    from lit_lora.optimized import cache_bytes
+
+    streamed = dict(dataset=None, optimized_dir="s3://lit-lora/food", num_workers=2)
+    monkeypatch.setenv("MAX_CACHE_SIZE", "10GB")
+    with pytest.raises(ValueError, match=r"optimized_cache_size '200GB' differs from the environment's MAX_CACHE_SIZE '10GB', which litdata uses instead"):
+        Food101DataModule(**streamed, optimized_cache_size="200GB")
+    Food101DataModule(**streamed, optimized_cache_size="10gb")  # the same size
+    Food101DataModule(**streamed)
+    Food101DataModule(dataset=None, optimized_dir=str(tmp_path), optimized_cache_size="200GB")  # read in place, no cache
+    assert cache_bytes("200GB", str(tmp_path)) == cache_bytes(None, str(tmp_path)) == 10e9  # what decides whether a run evicts
+    monkeypatch.setenv("MAX_CACHE_SIZE", "20MB")
+    with pytest.raises(ValueError, match=r"MAX_CACHE_SIZE \(environment\) '20MB' is too small for 2 loader\(s\)"):
+        Food101DataModule(**streamed)
+    monkeypatch.delenv("MAX_CACHE_SIZE")
+    assert cache_bytes("200GB", str(tmp_path)) == 200e9 and 0 < cache_bytes(None, str(tmp_path)) < cache_bytes(1.0, str(tmp_path))
+
+
 def test_optimized_training_images_smaller_than_the_crop_are_refused_before_decoding(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """0 made every training image 'unreadable' and wrote a dataset without them; below the crop (the tiny ViT's 32 px),
     every training crop would be enlarged."""

@@ -620,7 +620,7 @@ def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused
     url = s3.url("large")
     options = dict(optimized_dir=url, image_processor=tiny_vit, num_workers=0, optimized_train_side=480)
     Food101DataModule(**options, data_dir=str(tmp_path / "large"), train_split="train", val_size=0.25).optimize(url)
-    refused = r"another run on this node streams s3://\S+ through litdata's chunk cache .*, and {} limits it .*LITDATA_CACHE_DIR=<folder>"
+    refused = r"another run on this node streams s3://\S+ through litdata's chunk cache .*, and {} cache is smaller than the data .*LITDATA_CACHE_DIR=<folder>"
     hold = (
         "import sys, time\nfrom lit_lora import Food101DataModule\n"
         f"data = Food101DataModule(**{options!r}, optimized_cache_size=sys.argv[1] or None)\n"
@@ -635,14 +635,14 @@ def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused
     sharing = other_run("")
     try:
         Food101DataModule(**options, optimized_cache_size="1GB").setup("validate")  # holds the data: no eviction
-        with pytest.raises(ValueError, match=refused.format("this run")):
+        with pytest.raises(ValueError, match=refused.format("this run's")):
             Food101DataModule(**options, optimized_cache_size="24MB").setup("fit")
     finally:
         sharing.kill()
         sharing.wait()
     evicting = other_run("24MB")
     try:
-        with pytest.raises(ValueError, match=refused.format("that run")):
+        with pytest.raises(ValueError, match=refused.format("that run's")):
             Food101DataModule(**options).setup("fit")
     finally:
         evicting.kill()
