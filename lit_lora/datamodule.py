@@ -395,7 +395,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             self._cache_use = ChunkCacheUse(self.optimized_dir)
             read = [t for t in (self.train_table, self.val_table) if t is not None] if stage in ("fit", "validate") else [self.test_table or self.predict_table]
             limit = optimized.cache_bytes(self.optimized_cache_size, str(self._cache_use.folder))
-            self._cache_use.acquire(evicts=limit < sum(table.stored_bytes for table in read))
+            nodes = self.trainer.num_nodes if self.trainer is not None else 1  # litdata caches a node's share of the data
+            self._cache_use.acquire(evicts=limit < sum(table.stored_bytes for table in read) / nodes)
 
     def teardown(self, stage: str) -> None:
         """Let other runs on this node that limit the chunk cache stream this run's ``optimized_dir`` URL."""

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -194,14 +195,15 @@ class ChunkCacheUse:
     """A run's use of litdata's local chunk cache (``LITDATA_CACHE_DIR``) for the optimized dataset at ``url``, held by one
     process per node (processes of one run share the cache as litdata means them to).
 
-    litdata 0.2.76 shares that cache with every process on the node that streams the same URL, and one that evicts
-    chunks (a cache size smaller than the splits it reads: `optimized.cache_bytes`) deletes chunks that another run is about to read.
-    Measured with two fits of a sweep on one S3 dataset, 24MB caches in one folder: one waited 120 s for a deleted
-    chunk and failed (``ChunkWaitTimeoutError``), the other ran 5x slower; in folders of their own, both ran as fast as
-    alone. So a run that evicts holds the cache alone, any other shares it (an ``flock``, which the kernel releases
-    when the process ends, however it ends), and a run that would break another is refused in one line before any
-    compute. Runs in one process follow each other (a notebook's, one that failed included): each takes over the
-    process's hold.
+    litdata 0.2.76 shares that cache with every process that streams the same URL through that folder, and one that
+    evicts chunks (a cache smaller than its node's share of the splits it reads: `optimized.cache_bytes`) deletes chunks
+    that another run is about to read. Measured with two fits of a sweep on one S3 dataset, 24MB caches in one folder:
+    one waited 120 s for a deleted chunk and failed (``ChunkWaitTimeoutError``), the other ran 5x slower; in folders of
+    their own, both ran as fast as alone. So a run that evicts holds the cache alone, any other shares it (an
+    ``flock``, which the kernel releases when the process ends, however it ends; on a shared disk, nodes of one run
+    that evict are refused too: litdata's cache is a node's own), and a run that would break another is refused in one
+    line before any compute. Runs in one process follow each other (a notebook's, one that failed included): each
+    takes over the process's hold.
     """
 
     _held: dict[Path, int] = {}  # lock file -> this process's descriptor
@@ -215,22 +217,27 @@ class ChunkCacheUse:
         """Hold the cache: alone if this run ``evicts`` chunks, else shared.
 
         Raises:
-            ValueError: another process on this node streams ``url`` through the same cache, and one of the two evicts.
+            ValueError: another process streams ``url`` through the same cache folder, and one of the two evicts.
         """
         if self.path not in self._held:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._held[self.path] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._held[self.path]
         try:
-            fcntl.flock(self._held[self.path], (fcntl.LOCK_EX if evicts else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_EX if evicts else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if not evicts else ""  # one that evicts says who it is
             self.release()
-            which = "this run's" if evicts else "that run's"
+            which = "this run's" if evicts else f"that run's ({holder or 'another process'})"
             raise ValueError(
-                f"another run on this node streams {self.url} through litdata's chunk cache {self.folder}, and {which} cache is "
-                "smaller than the data (data.optimized_cache_size, MAX_CACHE_SIZE or 75 % of the free disk): litdata "
-                "would delete chunks the other is about to read (a 120 s wait, then a failure). Give each run a cache folder of "
-                "its own (LITDATA_CACHE_DIR=<folder> python -m lit_lora ...), or wait for the other run to end."
+                f"another run streams {self.url} through litdata's chunk cache {self.folder}, and {which} cache is smaller than "
+                "the data (data.optimized_cache_size, MAX_CACHE_SIZE or 75 % of the free disk): litdata would delete chunks the "
+                "other is about to read (a 120 s wait, then a failure). Give each run, and each node, a cache folder of its own on "
+                "a local disk (LITDATA_CACHE_DIR=<folder> python -m lit_lora ...), or wait for the other run to end."
             ) from None
+        if evicts:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
 
     def release(self) -> None:
         """Let runs that evict use the cache again."""

@@ -620,7 +620,7 @@ def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused
     url = s3.url("large")
     options = dict(optimized_dir=url, image_processor=tiny_vit, num_workers=0, optimized_train_side=480)
     Food101DataModule(**options, data_dir=str(tmp_path / "large"), train_split="train", val_size=0.25).optimize(url)
-    refused = r"another run on this node streams s3://\S+ through litdata's chunk cache .*, and {} cache is smaller than the data .*LITDATA_CACHE_DIR=<folder>"
+    refused = r"another run streams s3://\S+ through litdata's chunk cache .*, and {} cache is smaller than the data .*a cache folder of its own on a local disk \(LITDATA_CACHE_DIR=<folder>"
     hold = (
         "import sys, time\nfrom lit_lora import Food101DataModule\n"
         f"data = Food101DataModule(**{options!r}, optimized_cache_size=sys.argv[1] or None)\n"
@@ -635,6 +635,9 @@ def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused
     sharing = other_run("")
     try:
         Food101DataModule(**options, optimized_cache_size="1GB").setup("validate")  # holds the data: no eviction
+        two_nodes = Food101DataModule(**options, optimized_cache_size="24MB")  # each node caches half the data: no eviction
+        two_nodes.trainer = __import__("lightning").pytorch.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", logger=False)
+        two_nodes.setup("fit")
         with pytest.raises(ValueError, match=refused.format("this run's")):
             Food101DataModule(**options, optimized_cache_size="24MB").setup("fit")
     finally:
@@ -642,7 +645,7 @@ def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused
         sharing.wait()
     evicting = other_run("24MB")
     try:
-        with pytest.raises(ValueError, match=refused.format("that run's")):
+        with pytest.raises(ValueError, match=refused.format(r"that run's \(pid \d+ on \S+\)")):
             Food101DataModule(**options).setup("fit")
     finally:
         evicting.kill()
