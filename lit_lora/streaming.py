@@ -9,6 +9,7 @@ leaves that choice to the user (`tests/test_library.py`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -219,11 +220,11 @@ class ChunkCacheUse:
         Raises:
             ValueError: another process streams ``url`` through the same cache folder, and one of the two evicts.
         """
-        if self.path not in self._held:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._held[self.path] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        fd = self._held[self.path]
         try:
+            if self.path not in self._held:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._held[self.path] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._held[self.path]
             fcntl.flock(fd, (fcntl.LOCK_EX if evicts else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if not evicts else ""  # one that evicts says who it is
@@ -235,6 +236,10 @@ class ChunkCacheUse:
                 "other is about to read (a 120 s wait, then a failure). Give each run, and each node, a cache folder of its own on "
                 "a local disk (LITDATA_CACHE_DIR=<folder> python -m lit_lora ...), or wait for the other run to end."
             ) from None
+        except OSError as err:  # a disk without locks (ENOLCK on some network mounts): nothing to guard with, nothing refused
+            self.release()
+            logging.getLogger("lit_lora").debug(f"[lit_lora] not guarding the chunk cache {self.folder}: {err}")
+            return
         if evicts:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
@@ -243,5 +248,6 @@ class ChunkCacheUse:
         """Let runs that evict use the cache again."""
         fd = self._held.pop(self.path, None)
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # not only close: loader workers forked while it was held share the lock
+            with contextlib.suppress(OSError):  # a disk without locks
+                fcntl.flock(fd, fcntl.LOCK_UN)  # not only close: loader workers forked while it was held share the lock
             os.close(fd)

@@ -655,3 +655,20 @@ def test_runs_on_one_node_that_would_evict_each_others_cached_chunks_are_refused
     then.setup("fit")
     then.teardown("fit")  # other runs may use the cache again
     assert other_run("24MB", seconds=0).wait() == 0
+
+
+def test_a_chunk_cache_on_a_disk_without_locks_is_used_unguarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some network mounts have no locks (flock fails with ENOLCK): the run streams as it did before the guard, not stopped."""
+    import errno
+
+    from lit_lora import streaming
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(streaming, "get_default_cache_dir", lambda: str(tmp_path / "cache"))
+    monkeypatch.setattr(streaming.fcntl, "flock", no_locks)
+    use = streaming.ChunkCacheUse("s3://bucket/food101")
+    use.acquire(evicts=True)
+    use.release()
+    assert use.path not in streaming.ChunkCacheUse._held
