@@ -37,7 +37,7 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["fork", pytest.param("forkserver", marks=pytest.mark.slow), "spawn"])  # forkserver: 20 s, as spawn
 def test_a_script_that_keeps_loaders_with_workers_exits(tiny_vit: str, food101_dir: str, tmp_path: Path, start_method: str) -> None:
     """Loader workers ignore a SIGTERM from another process (a scheduler's, sent to every process of a job), yet end
     when Python's exit terminates them: a script or notebook that still holds loaders with persistent workers exits
