@@ -118,7 +118,7 @@ def cache_bytes(value: str | float | None, folder: str) -> float:
     share is of the free disk; unset, litdata's default is at most 75 % of it (less where that leaves under 50 GB)."""
     size = _parse_cache_size(cache_size_in_effect(value) or LITDATA_DEFAULT_SHARE)
     in_bytes, share = size or (math.inf, None)  # not a size: refused before setup (`cache_size_problem`)
-    return in_bytes if in_bytes is not None else share * shutil.disk_usage(folder).free
+    return in_bytes if in_bytes is not None else share * free_bytes(folder)
 
 
 def is_url(location: str) -> bool:

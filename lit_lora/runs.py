@@ -60,6 +60,17 @@ def claim_version(save_dir: str | os.PathLike, name: str | None) -> int:
             version += 1
 
 
+def sign_lock(fd: int) -> None:
+    """Write into a lock file just taken (its descriptor ``fd``) which process holds it, for `lock_holder`."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+
+def lock_holder(fd: int) -> str:
+    """Who signed the lock file open as ``fd`` (`sign_lock`): ``pid N on HOST``, or "" if nobody did."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip()
+
+
 class RunLock:
     """An exclusive hold on a run folder (or an optimized dataset being written) for one process: ``acquire`` fails in
     one line, or waits, while another process holds it. The lock is an ``flock`` on ``<folder>/.lit_lora.lock``, so
@@ -80,7 +91,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = lock_holder(fd) or "another process"
             if wait:
                 log.info(f"[lit_lora] {self.folder} is being written by {holder}; waiting for it to finish")
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -91,8 +102,7 @@ class RunLock:
                     "checkpoints. Wait for it to finish, or give this run another folder (--checkpoint.dirpath, or "
                     "leave it unset for a new version_N)."
                 ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        sign_lock(fd)
         self._fd = fd
 
     def release(self) -> None:

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from lit_lora.optimized import BATCH_DECODE, is_url
+from lit_lora.runs import lock_holder, sign_lock
 from lit_lora.sampling import check_rest_of_epoch, marking_read_errors, seeded_cpu_rng
 
 with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
@@ -227,7 +227,7 @@ class ChunkCacheUse:
             fd = self._held[self.path]
             fcntl.flock(fd, (fcntl.LOCK_EX if evicts else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if not evicts else ""  # one that evicts says who it is
+            holder = lock_holder(fd) if not evicts else ""  # one that evicts signs the lock
             self.release()
             which = "this run's" if evicts else f"that run's ({holder or 'another process'})"
             raise ValueError(
@@ -241,8 +241,7 @@ class ChunkCacheUse:
             logging.getLogger("lit_lora").debug(f"[lit_lora] not guarding the chunk cache {self.folder}: {err}")
             return
         if evicts:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            sign_lock(fd)
 
     def release(self) -> None:
         """Let runs that evict use the cache again."""
