@@ -307,6 +307,34 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
         ) from err
 
 
+def stored_files(location: str, storage_options: dict[str, Any] | None = None) -> dict[str, int] | None:
+    """Name -> bytes of the files directly in ``location``, a folder or an ``s3://`` / ``r2://`` URL (one listing request
+    per 1,000 files, through litdata's client); None for a store that does not list sizes here (``gs://``), or that
+    lets these credentials read objects but not list them (``AccessDenied``: litdata itself does not list).
+
+    Raises:
+        the storage client's errors (endpoint, credentials, network).
+    """
+    if not is_url(location):
+        return {path.name: path.stat().st_size for path in Path(location).iterdir() if path.is_file()}
+    if location.split("://", 1)[0] not in ("s3", "r2"):
+        return None
+    bucket, _, prefix = location.split("://", 1)[1].partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    client = _provider(location, _checking(location, storage_options or {})).client.client  # litdata's boto3 client
+    import botocore.exceptions
+
+    files = {}
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            files.update({item["Key"][len(prefix):]: item["Size"] for item in page.get("Contents", [])})
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("AccessDenied", "403"):
+            return None
+        raise
+    return files
+
+
 def _optimize_split(split: str, output_dir: str, work_dir: str, **options: Any) -> None:
     """litdata's ``optimize`` for one split, run in a child process that leads its own process group (``work_dir``:
     the caller's temporary folder for this split, which the child removes if the caller dies first).

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lit_lora.optimized import BATCH_DECODE, is_url
+from lit_lora.optimized import BATCH_DECODE, join, stored_files
 from lit_lora.runs import lock_holder, sign_lock
 from lit_lora.sampling import check_rest_of_epoch, marking_read_errors, seeded_cpu_rng
 
@@ -67,8 +67,7 @@ class OptimizedImages(StreamingDataset):
         finally:
             advice.removeFilter(_not_litdata_cache_advice)
         self.augment = transform
-        if not is_url(location):
-            _check_chunks(Path(location))
+        _check_chunks(location, Path(self.input_dir.path), storage_options)
 
     @property
     def stored_bytes(self) -> int:
@@ -92,19 +91,24 @@ def _not_litdata_cache_advice(record: logging.LogRecord) -> bool:
     return "is less than 25GB" not in record.getMessage()
 
 
-def _check_chunks(folder: Path) -> None:
-    """Fail at once when a chunk of a local split is missing or has another size than its index says (a copy cut
-    short): litdata would find out in a loader worker, after waiting for the chunk to grow, with a traceback.
+def _check_chunks(location: str, index_folder: Path, storage_options: dict[str, Any] | None) -> None:
+    """Fail at once when a chunk of the split at ``location`` is missing or has another size than its index (in
+    ``index_folder``) says: a copy cut short, an upload interrupted, a chunk deleted from the bucket. litdata would find
+    out in a loader worker, once the fit had started, with a page of tracebacks (locally: after waiting for the chunk to
+    grow). One listing of the split; not checked where the store does not list sizes (`optimized.stored_files`).
 
     Raises:
         OSError: naming the first such chunk.
     """
-    for chunk in json.loads((folder / "index.json").read_text())["chunks"]:
-        path = folder / chunk["filename"]
-        if not path.is_file():
-            raise OSError(f"{path} is missing")
-        if path.stat().st_size != chunk["chunk_bytes"]:
-            raise OSError(f"{path} has {path.stat().st_size} bytes, its index says {chunk['chunk_bytes']}: a copy cut short?")
+    stored = stored_files(location, storage_options)
+    if stored is None:
+        return
+    for chunk in json.loads((index_folder / "index.json").read_text())["chunks"]:
+        where, size = f"{join(location, chunk['filename'])}", stored.get(chunk["filename"])
+        if size is None:
+            raise OSError(f"{where} is missing")
+        if size != chunk["chunk_bytes"]:
+            raise OSError(f"{where} has {size} bytes, its index says {chunk['chunk_bytes']}: a copy or upload cut short?")
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):

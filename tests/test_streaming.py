@@ -10,6 +10,7 @@ import socket
 import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -313,10 +314,47 @@ def test_a_dataset_built_for_another_image_processor_or_damaged_is_refused_in_on
     # after litdata waited for the chunk to grow.
     chunk = next((tmp_path / "optimized" / "train").glob("*.bin"))
     os.truncate(chunk, 1000)
-    for damage in (rf"{chunk.name} has 1000 bytes, its index says \d+: a copy cut short", rf"{chunk.name} is missing"):
+    for damage in (rf"{chunk.name} has 1000 bytes, its index says \d+: a copy or upload cut short", rf"{chunk.name} is missing"):
         with pytest.raises(ValueError, match=rf"cannot read the train split of data.optimized_dir .*\(OSError: .*{damage}.*--overwrite true"):
             Food101DataModule(optimized_dir=folder, image_processor=tiny_vit, train_split="train", val_size=0.25).setup("fit")
         chunk.unlink(missing_ok=True)
+
+
+def test_a_chunk_cut_short_or_lost_in_the_bucket_is_refused_in_one_line_before_training(s3, food101_on_s3: str, tiny_vit: str) -> None:
+    """A chunk deleted from the bucket or uploaded short: one line at setup naming it (one listing per split), not a page
+    of litdata's tracebacks from a loader worker once the fit has started."""
+    import boto3
+
+    client, bucket = boto3.client("s3"), food101_on_s3.split("/")[2]
+    prefix = food101_on_s3.split("/", 3)[3]
+    for item in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]:  # a copy of the whole dataset, to damage
+        client.copy_object(Bucket=bucket, Key=item["Key"].replace(prefix, "damaged", 1), CopySource={"Bucket": bucket, "Key": item["Key"]})
+    damaged = s3.url("damaged")
+    chunk = next(item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="damaged/train/")["Contents"] if item["Key"].endswith(".bin"))
+    settings = {"optimized_dir": damaged, "image_processor": tiny_vit, "dataset": None, "num_workers": 0}
+    Food101DataModule(**settings).setup("fit")  # the copy is whole
+    client.put_object(Bucket=bucket, Key=chunk, Body=b"cut short")
+    for damage in (rf"{chunk} has 9 bytes, its index says \d+: a copy or upload cut short", rf"{chunk} is missing"):
+        with pytest.raises(ValueError, match=rf"^cannot read the train split of data.optimized_dir at {damaged}/train \(OSError: s3://{bucket}/{damage}.*--overwrite true`\.$"):
+            Food101DataModule(**settings).setup("fit")
+        client.delete_object(Bucket=bucket, Key=chunk)
+    # Credentials that may read objects but not list them (litdata needs no listing): not checked, not refused.
+    import botocore.exceptions
+
+    class ReadOnly:  # litdata's client (`optimized._provider`) with such credentials
+        def get_paginator(self, operation: str) -> Any:
+            raise botocore.exceptions.ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
+
+    with pytest.MonkeyPatch.context() as patch:
+        real = optimized._provider
+
+        def read_only(*args: Any) -> Any:
+            provider = real(*args)
+            return SimpleNamespace(exists=provider.exists, download_file=provider.download_file, client=SimpleNamespace(client=ReadOnly()))
+
+        patch.setattr(optimized, "_provider", read_only)
+        assert optimized.stored_files(f"{damaged}/train") is None
+        Food101DataModule(**settings).setup("fit")  # the chunk is still missing: litdata finds out when it reads it
 
 
 def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
