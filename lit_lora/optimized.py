@@ -270,6 +270,20 @@ def _checking(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     return {"config": botocore.config.Config(connect_timeout=10, retries={"max_attempts": 3, "mode": "standard"}), **storage_options}
 
 
+_looking: dict[str, Any] = {}  # URL scheme, storage options and environment -> client, see `_looking_provider`
+
+
+def _looking_provider(url: str, storage_options: dict[str, Any]) -> Any:
+    """litdata's client for reading manifests and listing splits (`_checking`'s options), one per store, options and
+    ``AWS_*`` variables in a process: each new one costs 0.2-0.7 s of CPU on 2 cores, and a run looks at its dataset
+    several times as it starts."""
+    environment = sorted((name, value) for name, value in os.environ.items() if name.startswith(("AWS_", "SSL_CERT", "GOOGLE_")))
+    key = f"{url.split('://', 1)[0]}|{sorted(storage_options.items())!r}|{environment!r}"
+    if key not in _looking:
+        _looking[key] = _provider(url, _checking(url, storage_options))
+    return _looking[key]
+
+
 def write_manifest(location: str, manifest: dict[str, Any], storage_options: dict[str, Any]) -> None:
     """Write ``manifest`` as ``location/lit_lora_dataset.json`` (replacing any previous one; locally through a
     temporary file, so a reader sees the old or the new one whole)."""
@@ -293,7 +307,7 @@ def read_manifest(location: str, storage_options: dict[str, Any] | None = None) 
     if not is_url(location):
         path = Path(location).expanduser() / MANIFEST
         return json.loads(path.read_text()) if path.is_file() else None
-    provider = _provider(location, _checking(location, storage_options or {}))
+    provider = _looking_provider(location, storage_options or {})
     try:
         if not provider.exists(join(location, MANIFEST)):
             return None
@@ -321,7 +335,7 @@ def stored_files(location: str, storage_options: dict[str, Any] | None = None) -
         return None
     bucket, _, prefix = location.split("://", 1)[1].partition("/")
     prefix = prefix.rstrip("/") + "/"
-    client = _provider(location, _checking(location, storage_options or {})).client.client  # litdata's boto3 client
+    client = _looking_provider(location, storage_options or {}).client.client  # litdata's boto3 client
     import botocore.exceptions
 
     files = {}

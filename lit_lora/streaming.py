@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,15 @@ from typing import Any
 
 import torch
 
-from lit_lora.optimized import BATCH_DECODE, join, stored_files
+from lit_lora.optimized import BATCH_DECODE, is_url, join, stored_files
 from lit_lora.runs import lock_holder, sign_lock
 from lit_lora.sampling import check_rest_of_epoch, marking_read_errors, seeded_cpu_rng
 
 with warnings.catch_warnings():  # litdata adds warning filters for everyone as it is imported: they stay in here
     from litdata import StreamingDataLoader, StreamingDataset
     from litdata.utilities.dataset_utilities import get_default_cache_dir
+
+INDEX_ATTEMPTS = 30  # a second apart: see `OptimizedImages`
 
 
 class OptimizedImages(StreamingDataset):
@@ -60,10 +63,21 @@ class OptimizedImages(StreamingDataset):
         advice = logging.getLogger("litdata.streaming.dataset")  # for this call only: the user's logging is left as it is
         advice.addFilter(_not_litdata_cache_advice)
         try:
-            super().__init__(
-                location, shuffle=shuffle, seed=seed, drop_last=None if transform is not None else False,
-                storage_options=dict(storage_options or {}), max_cache_size=max_cache_size, batch_decode=BATCH_DECODE,
-            )
+            for attempt in range(INDEX_ATTEMPTS):
+                try:
+                    super().__init__(
+                        location, shuffle=shuffle, seed=seed, drop_last=None if transform is not None else False,
+                        storage_options=dict(storage_options or {}), max_cache_size=max_cache_size, batch_decode=BATCH_DECODE,
+                    )
+                    break
+                except ValueError as err:
+                    # litdata 0.2.76 downloads a URL's index.json into the node's cache under a file lock that it waits 1 s
+                    # for; a process that waits longer (the node's other processes starting on 2 busy cores) goes on
+                    # without the file and stops: "doesn't contain any index.json file" (1 DDP predict in 3 in the tests).
+                    # The process holding the lock publishes the file moments later.
+                    if not is_url(location) or "index.json" not in str(err) or attempt == INDEX_ATTEMPTS - 1:
+                        raise
+                    time.sleep(1)
         finally:
             advice.removeFilter(_not_litdata_cache_advice)
         self.augment = transform

@@ -341,20 +341,43 @@ def test_a_chunk_cut_short_or_lost_in_the_bucket_is_refused_in_one_line_before_t
     # Credentials that may read objects but not list them (litdata needs no listing): not checked, not refused.
     import botocore.exceptions
 
-    class ReadOnly:  # litdata's client (`optimized._provider`) with such credentials
+    class ReadOnly:  # litdata's client (`optimized._looking_provider`) with such credentials
         def get_paginator(self, operation: str) -> Any:
             raise botocore.exceptions.ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
 
     with pytest.MonkeyPatch.context() as patch:
-        real = optimized._provider
+        real = optimized._looking_provider
 
         def read_only(*args: Any) -> Any:
             provider = real(*args)
             return SimpleNamespace(exists=provider.exists, download_file=provider.download_file, client=SimpleNamespace(client=ReadOnly()))
 
-        patch.setattr(optimized, "_provider", read_only)
+        patch.setattr(optimized, "_looking_provider", read_only)
         assert optimized.stored_files(f"{damaged}/train") is None
         Food101DataModule(**settings).setup("fit")  # the chunk is still missing: litdata finds out when it reads it
+
+
+def test_a_process_that_litdata_let_go_on_without_the_index_tries_again(food101_on_s3: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """litdata 0.2.76 waits 1 s for another process's download of a URL's index.json, then goes on without it and stops
+    ("doesn't contain any index.json file": 1 DDP predict in 3 while another run started). That process tries again;
+    a local split without an index is refused at once."""
+    from litdata import StreamingDataset
+
+    real, calls = StreamingDataset.__init__, []
+
+    def lock_timed_out_once(self: Any, location: str, *args: Any, **kwargs: Any) -> None:
+        calls.append(location)
+        if len(calls) == 1:
+            raise ValueError(f"The provided dataset `{tmp_path}` doesn't contain any index.json file.\n HINT: Did you successfully optimize ...")
+        real(self, location, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingDataset, "__init__", lock_timed_out_once)
+    assert len(OptimizedImages(f"{food101_on_s3}/val")) == 12 and len(calls) == 2
+    calls.clear()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ValueError, match="doesn't contain any index.json"):
+        OptimizedImages(str(tmp_path / "val"))
+    assert len(calls) == 1
 
 
 def test_a_training_loader_resumes_on_a_copy_of_the_dataset_in_another_folder(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
