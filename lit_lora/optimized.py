@@ -1,6 +1,6 @@
 """Optimized datasets: the splits ``fit`` uses, decoded once and written by litdata's ``optimize`` to a folder or an
-object-store URL (``s3://``, ``gs://``, ``azure://``), then streamed to every process by ``StreamingDataset``
-(`lit_lora.streaming`).
+object-store URL (``s3://``, ``gs://``, ``r2://``: the stores litdata 0.2.76 has a storage client for), then streamed
+to every process by ``StreamingDataset`` (`lit_lora.streaming`).
 
 A dataset is three litdata datasets, ``train/``, ``val/`` and ``test/`` (when the source has a test split, and is not
 the one validated on: that is stored once, as ``val/``), plus
