@@ -333,11 +333,11 @@ def stored_files(location: str, storage_options: dict[str, Any] | None = None) -
         return {path.name: path.stat().st_size for path in Path(location).iterdir() if path.is_file()}
     if location.split("://", 1)[0] not in ("s3", "r2"):
         return None
+    import botocore.exceptions
+
     bucket, _, prefix = location.split("://", 1)[1].partition("/")
     prefix = prefix.rstrip("/") + "/"
     client = _looking_provider(location, storage_options or {}).client.client  # litdata's boto3 client
-    import botocore.exceptions
-
     files = {}
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):

@@ -81,13 +81,9 @@ class OptimizedImages(StreamingDataset):
         finally:
             advice.removeFilter(_not_litdata_cache_advice)
         self.augment = transform
-        _check_chunks(location, Path(self.input_dir.path), storage_options)
-
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes of this split's chunks, as its index lists them."""
-        index = json.loads((Path(self.input_dir.path) / "index.json").read_text())
-        return sum(chunk["chunk_bytes"] for chunk in index["chunks"])
+        chunks = json.loads((Path(self.input_dir.path) / "index.json").read_text())["chunks"]  # the index litdata just fetched
+        _check_chunks(location, chunks, storage_options)
+        self.stored_bytes: int = sum(chunk["chunk_bytes"] for chunk in chunks)  # of this split's chunks, as its index lists them
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         item = super().__getitem__(index)
@@ -105,9 +101,9 @@ def _not_litdata_cache_advice(record: logging.LogRecord) -> bool:
     return "is less than 25GB" not in record.getMessage()
 
 
-def _check_chunks(location: str, index_folder: Path, storage_options: dict[str, Any] | None) -> None:
-    """Fail at once when a chunk of the split at ``location`` is missing or has another size than its index (in
-    ``index_folder``) says: a copy cut short, an upload interrupted, a chunk deleted from the bucket. litdata would find
+def _check_chunks(location: str, chunks: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> None:
+    """Fail at once when a chunk of the split at ``location`` is missing or has another size than its index's
+    ``chunks`` say: a copy cut short, an upload interrupted, a chunk deleted from the bucket. litdata would find
     out in a loader worker, once the fit had started, with a page of tracebacks (locally: after waiting for the chunk to
     grow). One listing of the split; not checked where the store does not list sizes (`optimized.stored_files`).
 
@@ -117,8 +113,8 @@ def _check_chunks(location: str, index_folder: Path, storage_options: dict[str, 
     stored = stored_files(location, storage_options)
     if stored is None:
         return
-    for chunk in json.loads((index_folder / "index.json").read_text())["chunks"]:
-        where, size = f"{join(location, chunk['filename'])}", stored.get(chunk["filename"])
+    for chunk in chunks:
+        where, size = join(location, chunk["filename"]), stored.get(chunk["filename"])
         if size is None:
             raise OSError(f"{where} is missing")
         if size != chunk["chunk_bytes"]:
