@@ -589,7 +589,9 @@ def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path,
     settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
 
     def loader(workers: int) -> Any:
-        data = Food101DataModule(**settings, num_workers=workers)
+        # Not persistent: litdata 0.2.76's loader and its kept worker iterator refer to each other, and when the garbage
+        # collector takes them, their queues close before the workers are told to stop (5 s per worker, in the next test).
+        data = Food101DataModule(**settings, num_workers=workers, persistent_workers=False)
         data.setup("fit")
         return data.train_dataloader()
 
