@@ -120,7 +120,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 (at most 16). When the model trains on the CPU, workers run at a lower priority (nice 10) than its
                 threads.
             pin_memory: pin host memory of batches for faster copies to the GPU.
-            persistent_workers: keep workers alive between epochs.
+            persistent_workers: keep workers alive between epochs. For loaders of optimized data that you iterate
+                yourself, outside a Trainer, set False: litdata 0.2.76 keeps a dropped loader's workers until the garbage
+                collector comes, then waits 5 s for each (Lightning stops them itself).
             image_processor: model id or folder whose image processor gives the crop size, the resize side and the
                 interpolation (`transforms.settings_from_processor`); ViT's 224 px defaults when unset. The CLI
                 links this to ``model.model_name_or_path``, so it is never configured twice. Pixels leave the data

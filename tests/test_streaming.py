@@ -584,6 +584,8 @@ def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path,
     """litdata resumes the interrupted epoch exactly with any worker count (checked here), but orders the later ones by
     the count, which defaults to the machine's cores: a resume on another kind of node says so, and how to keep the
     order."""
+    import multiprocessing
+
     settings = dict(data_dir=food101_dir, train_split="train", val_size=0.25, image_processor=tiny_vit, batch_size=4)
     Food101DataModule(**settings, num_workers=0).optimize(str(tmp_path / "optimized"))
     settings.update(data_dir=None, dataset=None, optimized_dir=str(tmp_path / "optimized"))
@@ -601,6 +603,7 @@ def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path,
     first = [next(batches)["index"].tolist() for _ in range(3)]
     state = interrupted.state_dict()
     del batches
+    assert not multiprocessing.active_children()  # the advice for loaders iterated by hand (data.persistent_workers): their workers are gone
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loader(2).load_state_dict(state)  # the same count: nothing to say
