@@ -93,8 +93,16 @@ class ResumableDataLoader(DataLoader):
         self.saved_state: dict[str, Any] | None = None  # loaded at the first pass if Lightning loaded none (see the data module's state_dict)
 
     def state_dict(self) -> dict[str, int]:
+        self._take_saved_state()
+        if self.resume_at is not None:  # loaded, and no pass started from it yet (Lightning validates first on some resumes)
+            return dict(self.resume_at)
         geometry = {"batch_size": self.batch_size, "processes": self.sampler.num_replicas}
         return {"epoch": self.epoch, "batches": self.batches, "images": self.images, **geometry}
+
+    def _take_saved_state(self) -> None:
+        if self.saved_state is not None and self.resume_at is None:
+            self.load_state_dict(self.saved_state)
+        self.saved_state = None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not {"epoch", "batches"} <= state.keys() <= {"epoch", "batches", "images", "batch_size", "processes"}:  # litdata's: other data
@@ -107,9 +115,8 @@ class ResumableDataLoader(DataLoader):
         self.resume_at = {"images": resume["batches"] * resume["batch_size"] * resume["processes"], **resume}
 
     def __iter__(self) -> Iterator[Any]:
-        if self.saved_state is not None and self.resume_at is None:
-            self.load_state_dict(self.saved_state)
-        sampler, self.saved_state = self.sampler, None
+        self._take_saved_state()
+        sampler = self.sampler
         resume, self.resume_at = self.resume_at, None
         if resume is None or resume["epoch"] != sampler.epoch:
             resume = {"batches": 0, "images": 0}

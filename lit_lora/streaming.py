@@ -10,6 +10,7 @@ leaves that choice to the user (`tests/test_library.py`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -140,11 +141,11 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     _position = {"batches": 0, "epoch_done": False}  # of the current pass, saved beside litdata's state
     _resumed_batches = 0  # batches of the epoch a loaded state stopped in, for the next pass's count
     _replaying = False  # this pass goes on from a loaded state
+    _unapplied: dict[str, Any] | None = None  # a loaded state no pass has started from yet
 
     def __iter__(self) -> Any:
-        if self.saved_state is not None and not self._state_loaded:
-            self.load_state_dict(self.saved_state)
-        self.saved_state = None
+        self._take_saved_state()
+        self._unapplied = None
         if self._replaying:
             # litdata leaves its loaded state on (``restore``) until a pass runs out, and Lightning asks a loader with a
             # length for no batch after the epoch's last: the next pass replayed the loaded state's end, an epoch of
@@ -158,14 +159,29 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._position["epoch_done"] = True
 
     def state_dict(self) -> dict[str, Any]:
+        self._take_saved_state()
+        if self._unapplied is not None:
+            # Loaded, and no pass started from it yet (Lightning validates first on some resumes, and checkpoints): that
+            # state, as loaded. litdata 0.2.76 would write its dataset's epoch into it, the one before the saved epoch.
+            return copy.deepcopy(self._unapplied)
+        state = super().state_dict()
+        # litdata 0.2.76 saves its main-process dataset's epoch, which a resumed pass with loader workers leaves at the
+        # epoch before (the workers iterate copies): a checkpoint of that pass resumed with the previous epoch's order.
+        state["dataset"] = {**state["dataset"], "current_epoch": state["current_epoch"]}
         # Lightning fetches no batch past an epoch's last: its own (limit_train_batches) or the loader's. An epoch it ended
         # early, resumed, would go on with the images after its last batch instead of starting the next epoch.
         epoch = min(len(self), getattr(self.trainer, "num_training_batches", math.inf))
         done = self._position["epoch_done"] or self._position["batches"] >= epoch
-        return {**super().state_dict(), "lit_lora": {"batches": self._position["batches"], "epoch_done": done}}
+        return {**state, "lit_lora": {"batches": self._position["batches"], "epoch_done": done}}
+
+    def _take_saved_state(self) -> None:
+        if self.saved_state is not None and not self._state_loaded:
+            self.load_state_dict(self.saved_state)
+        self.saved_state = None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state_loaded = True
+        self._unapplied = copy.deepcopy(state)
         saved, dataset = state.get("dataset") or {}, self.dataset
         chunks = (saved.get("input_dir_url"), saved.get("subsampled_files"), [list(r) for r in saved.get("region_of_interest", [])])
         if chunks != (dataset.input_dir.url, list(dataset.subsampled_files), [list(r) for r in dataset.region_of_interest]):

@@ -580,6 +580,48 @@ def test_a_streamed_fit_preempted_in_two_epochs_trains_what_one_fit_would(worker
     assert {epoch: sum((run.get(epoch, []) for run in runs), []) for epoch in whole} == whole
 
 
+class CopyLastCheckpoint(__import__("lightning").pytorch.Callback):
+    """Copies ``folder/last.ckpt`` to ``copies[(epoch, batch)]`` as that training batch starts: the checkpoint a run killed
+    there (SIGKILL, no checkpoint of its own) resumes from."""
+
+    def __init__(self, folder: Path, copies: dict[tuple[int, int], Path]) -> None:
+        self.folder, self.copies = folder, copies
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) in self.copies:
+            __import__("shutil").copy(self.folder / "last.ckpt", self.copies[trainer.current_epoch, batch_idx])
+
+
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_runs_killed_after_a_validation_inside_an_epoch_resume_exactly(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Validation twice an epoch (``val_check_interval`` 0.5, after batches 4 and 8 of 9), accumulation 2, one loader
+    worker. Killed after epoch 1's first validation, and resumed from its last.ckpt; that run killed after its first
+    validation (Lightning validates the epoch again before training), and after the epoch's second; each resumed: the
+    same weights, moments and learning rate as the run straight through. Before: the loaders reported the position
+    they were made with, not the one loaded, until they had started (image files: the epoch's start; litdata's dataset
+    changed the loaded epoch to the one before), and litdata's with workers saved the epoch before theirs."""
+    import lightning.pytorch as pl
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=1)
+
+    def fit(name: str, ckpt_path: Path | None = None, copies: dict[tuple[int, int], str] | None = None) -> Path:
+        data, folder = Food101DataModule(**settings), tmp_path / name
+        callbacks = [AdapterCheckpoint(dirpath=str(folder)), CopyLastCheckpoint(folder, {at: tmp_path / copy for at, copy in (copies or {}).items()})]
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
+                             val_check_interval=0.5, accumulate_grad_batches=2, callbacks=callbacks)
+        trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        return folder / "last.ckpt"
+
+    straight = fit("straight", copies={(1, 5): "killed.ckpt"})
+    resumed = fit("resumed", tmp_path / "killed.ckpt", copies={(1, 4): "killed-again.ckpt", (1, 8): "killed-later.ckpt"})
+    steps = [torch.load(tmp_path / name, weights_only=True)["global_step"] for name in ("killed.ckpt", "killed-again.ckpt", "killed-later.ckpt")]
+    assert steps == [5 + 2, 5 + 2, 5 + 4]  # 5 optimizer steps an epoch
+    for last in (resumed, fit("again", tmp_path / "killed-again.ckpt"), fit("later", tmp_path / "killed-later.ckpt")):
+        assert_same_training_state(straight, last, global_step=10)
+
+
 def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """litdata resumes the interrupted epoch exactly with any worker count (checked here), but orders the later ones by
     the count, which defaults to the machine's cores: a resume on another kind of node says so, and how to keep the
