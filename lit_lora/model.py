@@ -442,6 +442,7 @@ class LoRAImageClassifier(pl.LightningModule):
                 set_torch_rng_states(checkpoint["rng_states"])
             saved = checkpoint.get("accumulated_gradients")
             self._gradients_to_restore = saved_gradients_for_this_process(saved, self.trainer.accumulate_grad_batches) if saved else None
+            self._mid_window = bool(saved)  # until the next batch: a checkpoint before it (Lightning may validate first) keeps the window
 
     def _fitting(self) -> bool:
         try:
