@@ -133,23 +133,45 @@ def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
     progress["is_last_batch"] = False
 
 
-def continue_a_shortened_epoch_on_resume(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
-    """Make a checkpoint written after Lightning ended an epoch before its last batch (``max_steps`` or ``max_time``
-    reached, a callback's ``should_stop``) resume inside that epoch, after its last trained batch, as a checkpoint
-    written on SIGTERM does. As saved, Lightning resumes it as the next epoch but counts that epoch's batches on from
-    the saved count: a fit continued with a larger ``max_steps`` trained the rest of the ended epoch's images under the
-    next epoch's number (optimized data), or skipped them and the start of the next epoch (image files, whose order
-    follows the epoch number). Rewound to "epoch started, not finished", Lightning continues the epoch (its own
-    restart-mid-epoch path). ``loops`` is the checkpoint's documented loop state."""
+def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
+    """Make a checkpoint written after Lightning ended an epoch (at its end, at the fit's end, or before its last batch:
+    ``max_steps`` or ``max_time`` reached, a callback's ``should_stop``) resume where an uninterrupted run would go on,
+    in any fit. ``loops`` is the checkpoint's documented loop state.
+
+    - Ended before its last batch: as saved, Lightning resumes it as the next epoch but counts that epoch's batches on
+      from the saved count (a fit continued with a larger ``max_steps`` trained the rest of the ended epoch's images
+      under the next epoch's number, or skipped them). Rewound to "epoch started, not finished", Lightning continues the
+      epoch (its own restart-mid-epoch path), as from a checkpoint written on SIGTERM.
+    - Ended after its last batch: as saved, Lightning resumes a fit with ``max_steps`` (which it always treats as
+      restarting) inside the ended epoch (its issue #19617): it runs that epoch's end again, or an epoch of no batches,
+      and counts the later epochs one ahead (their logged numbers, ``check_val_every_n_epoch``'s choice, samplers'
+      epochs). Moved on to "epoch completed, the next not begun", Lightning starts the next epoch.
+    """
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
-    if not epochs or not batches or batches.get("is_last_batch") or batches["current"]["ready"] >= batches_per_epoch:
-        return
-    if epochs["current"]["processed"] != epochs["current"]["started"]:  # saved inside the epoch: already resumes there
+    if not epochs or not batches or epochs["current"]["processed"] != epochs["current"]["started"]:
+        return  # saved inside the epoch (a batch's or a validation's end): Lightning resumes there itself
+    if not batches.get("is_last_batch") and batches["current"]["ready"] < batches_per_epoch:
+        for part in ("current", "total"):
+            epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+        checkpoint["epoch"] = epochs["current"]["processed"]
         return
     for part in ("current", "total"):
-        epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
-    checkpoint["epoch"] = epochs["current"]["processed"]
+        epochs[part]["completed"] = epochs[part]["processed"]
+    batches["is_last_batch"] = False
+    for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress", "epoch_loop.automatic_optimization.optim_progress"):
+        _zero_counts(loop.get(key), "current")  # as Lightning's epoch loop starts an epoch (its reset_on_run)
+    _zero_counts(loop.get("epoch_loop.val_loop.batch_progress"), "total")  # validation batches count per epoch
+
+
+def _zero_counts(progress: Any, part: str) -> None:
+    """Set every counter of ``progress``'s ``part`` (``current``, ``total``) to 0, in nested progress too."""
+    if isinstance(progress, dict):
+        for key, value in progress.items():
+            if key == part and isinstance(value, dict):
+                progress[key] = {name: 0 for name in value}
+            else:
+                _zero_counts(value, part)
 
 
 def check_readable_checkpoint(ckpt_path: str) -> None:

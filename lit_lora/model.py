@@ -16,12 +16,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lit_lora import demo, log
 from lit_lora.checkpoint_contents import (
-    continue_a_shortened_epoch_on_resume,
     gradients_to_save,
     layout_problem,
     mid_accumulation,
     restart_validation_on_resume,
     restore_gradients,
+    resume_an_ended_epoch_exactly,
     saved_gradients_for_this_process,
     set_torch_rng_states,
     torch_rng_states,
@@ -419,7 +419,7 @@ class LoRAImageClassifier(pl.LightningModule):
             if self.trainer.validating:
                 restart_validation_on_resume(checkpoint)
             else:
-                continue_a_shortened_epoch_on_resume(checkpoint, self.trainer.num_training_batches)
+                resume_an_ended_epoch_exactly(checkpoint, self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``

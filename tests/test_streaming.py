@@ -573,6 +573,21 @@ def test_a_fit_continued_with_a_larger_max_steps_trains_what_one_fit_would(sourc
     assert first[0] + rest[0] == whole[0] and rest[1] == whole[1]
 
 
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_a_fit_with_max_steps_resumed_from_an_epochs_end_trains_the_later_epochs_in_order(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """A fit to ``max_steps`` 20 (9 batches an epoch) resumed from its last.ckpt of the end of epoch 0, as written then (a
+    run killed in epoch 1) and as written at the end of a fit stopped after epoch 0 (``max_epochs`` 1): epochs 1 and 2
+    train the images of the run straight through, in its order. Lightning resumed a fit with max_steps inside the ended
+    epoch (its issue #19617): it trained a batch of the next epoch's images under the ended one's number, or ran an epoch of
+    no batches, and counted the later epochs one ahead (image files: in the next epoch's order)."""
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=0)
+    whole = fit_recording_images(settings, tmp_path / "whole", None, CopyLastCheckpoint(tmp_path / "whole", {(1, 0): tmp_path / "killed.ckpt"}), max_steps=20)
+    fit_recording_images(settings, tmp_path / "first", max_steps=20, max_epochs=1)
+    assert [len(whole[epoch]) for epoch in whole] == [36, 36, 8]
+    for ckpt in (tmp_path / "killed.ckpt", tmp_path / "first" / "last.ckpt"):
+        assert fit_recording_images(settings, tmp_path / f"from-{ckpt.stem}", ckpt, max_steps=20) == {1: whole[1], 2: whole[2]}
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_streamed_fit_preempted_in_two_epochs_trains_what_one_fit_would(workers: int, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """SIGTERM 3 batches into epoch 0, resumed, SIGTERM 3 batches into epoch 1, resumed: every epoch trains the images of
