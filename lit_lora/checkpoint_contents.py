@@ -123,13 +123,15 @@ def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
     first batch. As saved, its validation progress says "some batches done, none in flight", which Lightning
     reads as "validation finished" and skips, so "best" and ``adapter/`` would come from a different epoch than an
     uninterrupted run's. Rewound to "first batch started, not processed", Lightning runs the whole validation again
-    (its own restart-mid-evaluation path). ``loops`` is the checkpoint's documented loop state."""
+    (its own restart-mid-evaluation path). ``loops`` is the checkpoint's documented loop state. The epoch's totals
+    count the batches of its earlier validations, those it completed: a validation interrupted again as a resumed run
+    re-ran it left its first attempt's batch counted as started, and Lightning skipped it on the next resume."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
     if not progress:
         return
-    before = {key: progress["total"][key] - progress["current"][key] for key in ("ready", "started", "processed", "completed")}
+    done = progress["total"]["completed"] - progress["current"]["completed"]
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
-    progress["total"] = {key: before[key] + progress["current"][key] for key in progress["current"]}
+    progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done, "completed": done}
     progress["is_last_batch"] = False
 
 

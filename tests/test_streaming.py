@@ -648,6 +648,50 @@ def test_runs_killed_after_a_validation_inside_an_epoch_resume_exactly(source: s
         assert_same_training_state(straight, last, global_step=10)
 
 
+class Validations(__import__("lightning").pytorch.Callback):
+    """Records ``(epoch, step)`` of each validation run to its end, and sends SIGTERM after validation batch ``batch``
+    of the validation at optimizer step ``step``, when given (the run stops there, with last.ckpt written)."""
+
+    def __init__(self, step: int | None = None, batch: int = 0) -> None:
+        self.step, self.batch, self.done = step, batch, []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and (trainer.global_step, batch_idx) == (self.step, self.batch):
+            os.kill(os.getpid(), __import__("signal").SIGTERM)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.done.append((trainer.current_epoch, trainer.global_step))
+
+
+def test_a_validation_interrupted_again_as_the_resumed_run_repeats_it_is_run_again(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """SIGTERM inside a validation (every 3 batches, 6 validation batches), resumed: the run validates again before
+    training; SIGTERM inside that validation too, resumed: it validates again, and every validation of the run straight
+    through runs to its end once, with the same weights at the end. The second checkpoint counted the first attempt's
+    batch as started, and Lightning's next resume skipped that validation."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    settings = fit_settings("files", tmp_path, tiny_vit, food101_dir, batch_size=4, eval_batch_size=2, num_workers=0)
+
+    def fit(name: str, ckpt_path: Path | None = None, stop_at: int | None = None, batch: int = 0) -> list[tuple[int, int]]:
+        data, validations = Food101DataModule(**settings), Validations(stop_at, batch)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
+                             val_check_interval=3, accumulate_grad_batches=2, callbacks=[AdapterCheckpoint(dirpath=str(tmp_path / name)), validations])
+        torch.manual_seed(0)  # the same LoRA weights to start from
+        with contextlib.suppress(SIGTERMException):
+            trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        return validations.done
+
+    straight = fit("straight")
+    runs = [fit("stopped", None, 8, batch=1), fit("stopped-again", tmp_path / "stopped" / "last.ckpt", 8), fit("resumed", tmp_path / "stopped-again" / "last.ckpt")]
+    assert straight == [(0, 1), (0, 3), (0, 5), (1, 6), (1, 8), (1, 10)]
+    assert runs[0] == straight[:4] and runs[1] == [] and runs[2] == straight[4:]
+    assert_same_training_state(tmp_path / "straight" / "last.ckpt", tmp_path / "resumed" / "last.ckpt", global_step=10)
+
+
 def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """litdata resumes the interrupted epoch exactly with any worker count (checked here), but orders the later ones by
     the count, which defaults to the machine's cores: a resume on another kind of node says so, and how to keep the
