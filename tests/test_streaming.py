@@ -617,6 +617,23 @@ class CopyLastCheckpoint(__import__("lightning").pytorch.Callback):
             __import__("shutil").copy(self.folder / "last.ckpt", self.copies[trainer.current_epoch, batch_idx])
 
 
+def fit_validating_every_3_batches(settings: dict[str, Any], folder: Path, ckpt_path: Path | None, *callbacks: Any) -> None:
+    """Fit the tiny ViT of ``settings`` for 2 epochs, validating every 3 batches, accumulating 2, checkpoints in ``folder``
+    (by `AdapterCheckpoint`), from the same initial LoRA weights every time. A SIGTERM ends it as it ends a preempted run,
+    with last.ckpt written."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
+
+    data = Food101DataModule(**settings)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
+                         val_check_interval=3, accumulate_grad_batches=2, callbacks=[AdapterCheckpoint(dirpath=str(folder)), *callbacks])
+    torch.manual_seed(0)
+    with contextlib.suppress(SIGTERMException):
+        trainer.fit(LoRAImageClassifier(settings["image_processor"], class_names=data.class_names), data, ckpt_path=ckpt_path)
+
+
 @pytest.mark.parametrize("source", ["optimized", "files"])
 def test_runs_killed_after_a_validation_inside_an_epoch_resume_exactly(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """Validation every 3 batches (after batches 3, 6 and 9 of 9), accumulation 2, one loader worker. Killed after epoch
@@ -626,18 +643,11 @@ def test_runs_killed_after_a_validation_inside_an_epoch_resume_exactly(source: s
     they were made with, not the one loaded, until they had started (image files: the epoch's start; litdata's dataset
     changed the loaded epoch to the one before), litdata's with workers saved the epoch before theirs, and the first
     validation's checkpoint left out the window's gradients."""
-    import lightning.pytorch as pl
-
-    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
-
     settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=1)
 
     def fit(name: str, ckpt_path: Path | None = None, copies: dict[tuple[int, int], str] | None = None) -> Path:
-        data, folder = Food101DataModule(**settings), tmp_path / name
-        callbacks = [AdapterCheckpoint(dirpath=str(folder)), CopyLastCheckpoint(folder, {at: tmp_path / copy for at, copy in (copies or {}).items()})]
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
-                             val_check_interval=3, accumulate_grad_batches=2, callbacks=callbacks)
-        trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        folder = tmp_path / name
+        fit_validating_every_3_batches(settings, folder, ckpt_path, CopyLastCheckpoint(folder, {at: tmp_path / copy for at, copy in (copies or {}).items()}))
         return folder / "last.ckpt"
 
     straight = fit("straight", copies={(1, 4): "killed.ckpt"})
@@ -669,20 +679,11 @@ def test_a_validation_interrupted_again_as_the_resumed_run_repeats_it_is_run_aga
     training; SIGTERM inside that validation too, resumed: it validates again, and every validation of the run straight
     through runs to its end once, with the same weights at the end. The second checkpoint counted the first attempt's
     batch as started, and Lightning's next resume skipped that validation."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from lit_lora import AdapterCheckpoint, LoRAImageClassifier
-
     settings = fit_settings("files", tmp_path, tiny_vit, food101_dir, batch_size=4, eval_batch_size=2, num_workers=0)
 
     def fit(name: str, ckpt_path: Path | None = None, stop_at: int | None = None, batch: int = 0) -> list[tuple[int, int]]:
-        data, validations = Food101DataModule(**settings), Validations(stop_at, batch)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
-                             val_check_interval=3, accumulate_grad_batches=2, callbacks=[AdapterCheckpoint(dirpath=str(tmp_path / name)), validations])
-        torch.manual_seed(0)  # the same LoRA weights to start from
-        with contextlib.suppress(SIGTERMException):
-            trainer.fit(LoRAImageClassifier(tiny_vit, class_names=data.class_names), data, ckpt_path=ckpt_path)
+        validations = Validations(stop_at, batch)
+        fit_validating_every_3_batches(settings, tmp_path / name, ckpt_path, validations)
         return validations.done
 
     straight = fit("straight")
