@@ -127,15 +127,19 @@ def restart_validation_on_resume(checkpoint: dict[str, Any]) -> None:
     count the batches of its earlier validations, those it completed: a validation interrupted again as a resumed run
     re-ran it left its first attempt's batch counted as started, and Lightning skipped it on the next resume."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
-    if not progress:
-        return
-    done = progress["total"]["completed"] - progress["current"]["completed"]
+    if progress:
+        _validation_begun(progress, done=progress["total"]["completed"] - progress["current"]["completed"])
+
+
+def _validation_begun(progress: dict[str, Any], done: int) -> None:
+    """Validation ``progress`` as Lightning leaves it when a validation has started its first batch, after ``done``
+    batches of the epoch's earlier validations: what it resumes as "restarted mid-evaluation" (it validates again)."""
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
     progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done, "completed": done}
     progress["is_last_batch"] = False
 
 
-def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
+def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], trainer: Any) -> None:
     """Make a checkpoint written after Lightning ended an epoch (at its end, at the fit's end, or before its last batch:
     ``max_steps`` or ``max_time`` reached, a callback's ``should_stop``) resume where an uninterrupted run would go on,
     in any fit. ``loops`` is the checkpoint's documented loop state.
@@ -148,11 +152,19 @@ def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], batches_per_epoch:
       restarting) inside the ended epoch (its issue #19617): it runs that epoch's end again, or an epoch of no batches,
       and counts the later epochs one ahead (their logged numbers, ``check_val_every_n_epoch``'s choice, samplers'
       epochs). Moved on to "epoch completed, the next not begun", Lightning starts the next epoch.
+    - Written as a batch ended, before the validation that follows it: see `_before_validation`.
+
+    ``trainer``: the Lightning trainer of the fit, writing the checkpoint.
     """
+    batches_per_epoch = trainer.num_training_batches
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
-    if not epochs or not batches or epochs["current"]["processed"] != epochs["current"]["started"]:
-        return  # saved inside the epoch (a batch's or a validation's end): Lightning resumes there itself
+    if not epochs or not batches:
+        return
+    if epochs["current"]["processed"] != epochs["current"]["started"]:  # saved inside the epoch
+        if batches["total"]["processed"] == batches["total"]["completed"] + 1 and _validates_after(trainer, batches):
+            _before_validation(loop)
+        return  # else Lightning resumes where it was itself
     if not batches.get("is_last_batch") and batches["current"]["ready"] < batches_per_epoch:
         for part in ("current", "total"):
             epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
@@ -164,6 +176,34 @@ def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], batches_per_epoch:
     for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress", "epoch_loop.automatic_optimization.optim_progress"):
         _zero_counts(loop.get(key), "current")  # as Lightning's epoch loop starts an epoch (its reset_on_run)
     _zero_counts(loop.get("epoch_loop.val_loop.batch_progress"), "total")  # validation batches count per epoch
+
+
+def _before_validation(loop: dict[str, Any]) -> None:
+    """A checkpoint written as a training batch ended (``on_train_batch_end``: ModelCheckpoint's ``every_n_train_steps``)
+    that Lightning validates after (the epoch's last, or one of ``val_check_interval``'s). As saved, Lightning resumes it
+    past that validation (it counts the batch done and goes on): its ``val/acc`` is never computed, and "best" is chosen
+    without it. Written as "batch done, validation begun", as a checkpoint from the validation's first batch is,
+    Lightning validates, then goes on."""
+    batches = loop["epoch_loop.batch_progress"]
+    for part in ("current", "total"):
+        batches[part]["completed"] = batches[part]["processed"]
+    validation = loop.get("epoch_loop.val_loop.batch_progress")
+    if validation:
+        _validation_begun(validation, done=validation["total"]["completed"])
+
+
+def _validates_after(trainer: Any, batches: dict[str, Any]) -> bool:
+    """Whether Lightning validates after the batch that ``batches`` (training batch progress) counts last, by its
+    public settings: validation on, this epoch one of ``check_val_every_n_epoch``'s, and the batch one of
+    ``val_check_interval``'s (in the epoch, or in the fit when no epoch is checked). A time-based interval: never known."""
+    if not trainer.enable_validation or trainer.val_check_batch is None:  # None: validation by time
+        return False
+    every = trainer.check_val_every_n_epoch
+    if every is not None and (trainer.current_epoch + 1) % every:
+        return False
+    if trainer.val_check_batch == float("inf"):  # a loader without a length: at the epoch's end
+        return bool(batches.get("is_last_batch"))
+    return batches["total" if every is None else "current"]["processed"] % trainer.val_check_batch == 0
 
 
 def _zero_counts(progress: Any, part: str) -> None:

@@ -401,8 +401,8 @@ class LoRAImageClassifier(pl.LightningModule):
         """Keep the trainable weights only (the frozen base is rebuilt from ``model_name_or_path``), with what an
         exact resume needs: the random states (LoRA dropout) and, when the run stops inside an accumulation window,
         the gradients accumulated so far (Lightning saves the loops, and a stateful training loader's state). A fit's
-        checkpoint written while validating, or after an epoch that stopped early, resumes where the run was (whichever
-        callback writes it)."""
+        checkpoint written while validating, before a validation, or after an epoch that stopped early, resumes where the run
+        was (whichever callback writes it)."""
         trainable = self.trainable_state_dict().keys()
         # current_model_state: where Lightning's WeightAveraging callbacks (EMA) keep the weights being trained when they
         # put the averaged ones in state_dict; in full it would hold the frozen base too (330 MB for ViT-B/16), as would
@@ -419,7 +419,7 @@ class LoRAImageClassifier(pl.LightningModule):
             if self.trainer.validating:
                 restart_validation_on_resume(checkpoint)
             else:
-                resume_an_ended_epoch_exactly(checkpoint, self.trainer.num_training_batches)
+                resume_an_ended_epoch_exactly(checkpoint, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``

@@ -693,6 +693,29 @@ def test_a_validation_interrupted_again_as_the_resumed_run_repeats_it_is_run_aga
     assert_same_training_state(tmp_path / "straight" / "last.ckpt", tmp_path / "resumed" / "last.ckpt", global_step=10)
 
 
+@pytest.mark.parametrize("source", ["optimized", "files"])
+def test_a_checkpoint_of_a_batch_that_validation_follows_resumes_with_that_validation(source: str, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Lightning's ModelCheckpoint writing every optimizer step (``every_n_train_steps``, as it ends a training batch) beside
+    validation every 3 batches: resumed from the checkpoint of step 3 (batch 6, validated after) and of step 5 (the
+    epoch's last batch), as a run killed in that validation would be, each validation of the run straight through from
+    that one on runs once, and the weights end the same. Lightning counted the batch done and went on past the
+    validation: its val/acc was never computed, and "best" was chosen without it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    settings = fit_settings(source, tmp_path, tiny_vit, food101_dir, batch_size=4, num_workers=1)
+
+    def fit(name: str, ckpt_path: Path | None = None) -> list[tuple[int, int]]:
+        validations, steps = Validations(), ModelCheckpoint(dirpath=str(tmp_path / "steps"), filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        fit_validating_every_3_batches(settings, tmp_path / name, ckpt_path, validations, *([steps] if ckpt_path is None else []))
+        return validations.done
+
+    straight = fit("straight")
+    assert straight == [(0, 1), (0, 3), (0, 5), (1, 6), (1, 8), (1, 10)]
+    for step, left in ((3, straight[1:]), (5, straight[2:])):
+        assert fit(f"from-step-{step}", tmp_path / "steps" / f"step={step}.ckpt") == left
+        assert_same_training_state(tmp_path / "straight" / "last.ckpt", tmp_path / f"from-step-{step}" / "last.ckpt", global_step=10)
+
+
 def test_a_resume_with_another_worker_count_says_what_it_changes(tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
     """litdata resumes the interrupted epoch exactly with any worker count (checked here), but orders the later ones by
     the count, which defaults to the machine's cores: a resume on another kind of node says so, and how to keep the
