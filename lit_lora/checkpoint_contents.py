@@ -139,7 +139,7 @@ def _validation_begun(progress: dict[str, Any], done: int) -> None:
     progress["is_last_batch"] = False
 
 
-def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], trainer: Any) -> None:
+def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
     """Make a checkpoint written after Lightning ended an epoch (at its end, at the fit's end, or before its last batch:
     ``max_steps`` or ``max_time`` reached, a callback's ``should_stop``) resume where an uninterrupted run would go on,
     in any fit. ``loops`` is the checkpoint's documented loop state.
@@ -152,19 +152,11 @@ def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], trainer: Any) -> N
       restarting) inside the ended epoch (its issue #19617): it runs that epoch's end again, or an epoch of no batches,
       and counts the later epochs one ahead (their logged numbers, ``check_val_every_n_epoch``'s choice, samplers'
       epochs). Moved on to "epoch completed, the next not begun", Lightning starts the next epoch.
-    - Written as a batch ended, before the validation that follows it: see `_before_validation`.
-
-    ``trainer``: the Lightning trainer of the fit, writing the checkpoint.
     """
-    batches_per_epoch = trainer.num_training_batches
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
-    if not epochs or not batches:
-        return
-    if epochs["current"]["processed"] != epochs["current"]["started"]:  # saved inside the epoch
-        if batches["total"]["processed"] == batches["total"]["completed"] + 1 and _validates_after(trainer, batches):
-            _before_validation(loop)
-        return  # else Lightning resumes where it was itself
+    if not epochs or not batches or epochs["current"]["processed"] != epochs["current"]["started"]:
+        return  # saved inside the epoch: Lightning resumes there itself (`validate_on_resume_after_a_batch`: where not)
     if not batches.get("is_last_batch") and batches["current"]["ready"] < batches_per_epoch:
         for part in ("current", "total"):
             epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
@@ -178,13 +170,19 @@ def resume_an_ended_epoch_exactly(checkpoint: dict[str, Any], trainer: Any) -> N
     _zero_counts(loop.get("epoch_loop.val_loop.batch_progress"), "total")  # validation batches count per epoch
 
 
-def _before_validation(loop: dict[str, Any]) -> None:
-    """A checkpoint written as a training batch ended (``on_train_batch_end``: ModelCheckpoint's ``every_n_train_steps``)
-    that Lightning validates after (the epoch's last, or one of ``val_check_interval``'s). As saved, Lightning resumes it
-    past that validation (it counts the batch done and goes on): its ``val/acc`` is never computed, and "best" is chosen
-    without it. Written as "batch done, validation begun", as a checkpoint from the validation's first batch is,
-    Lightning validates, then goes on."""
-    batches = loop["epoch_loop.batch_progress"]
+def validate_on_resume_after_a_batch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """Make a checkpoint written as a training batch ended (``on_train_batch_end``: ModelCheckpoint's
+    ``every_n_train_steps``), of a batch that ``trainer`` validates after (the epoch's last, or one of
+    ``val_check_interval``'s), resume with that validation. As saved, Lightning resumes it past that validation (it counts
+    the batch done and goes on): its ``val/acc`` is never computed, and "best" is chosen without it. Written as "batch
+    done, validation begun", as a checkpoint from the validation's first batch is, Lightning validates, then goes on.
+    ``loops`` is the checkpoint's documented loop state."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or epochs["current"]["processed"] == epochs["current"]["started"]:
+        return  # no batch of an epoch in progress
+    if batches["total"]["processed"] != batches["total"]["completed"] + 1 or not _validates_after(trainer, batches):
+        return  # not at a batch's end (Lightning counts the batch completed after on_train_batch_end), or no validation next
     for part in ("current", "total"):
         batches[part]["completed"] = batches[part]["processed"]
     validation = loop.get("epoch_loop.val_loop.batch_progress")

@@ -25,6 +25,7 @@ from lit_lora.checkpoint_contents import (
     saved_gradients_for_this_process,
     set_torch_rng_states,
     torch_rng_states,
+    validate_on_resume_after_a_batch,
 )
 from lit_lora.lora import apply_lora, trainable_summary
 from lit_lora.schedules import ScheduleOfAFit, build_scheduler, scheduler_problems
@@ -419,7 +420,8 @@ class LoRAImageClassifier(pl.LightningModule):
             if self.trainer.validating:
                 restart_validation_on_resume(checkpoint)
             else:
-                resume_an_ended_epoch_exactly(checkpoint, self.trainer)
+                resume_an_ended_epoch_exactly(checkpoint, self.trainer.num_training_batches)
+                validate_on_resume_after_a_batch(checkpoint, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another base model, LoRA layout or label set, saying which. When ``fit``
