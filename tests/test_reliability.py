@@ -142,7 +142,11 @@ def test_optimize_checks_the_free_space_first_and_a_failure_is_one_line(tmp_path
             Food101DataModule(**settings).optimize(str(tmp_path / "cramped"))
     assert optimized.read_manifest(str(tmp_path / "cramped")) is None  # refused before decoding or writing anything
 
+    groups = tmp_path / "writer-groups"
+
     def broken(self: object, image: object) -> None:
+        with groups.open("a") as f:
+            f.write(f"{os.getpgid(0)}\n")
         raise RuntimeError("a bug in a transform")
 
     monkeypatch.setattr(optimized.WriteImage, "_resized", broken)  # in optimize's (forked) workers too
@@ -150,10 +154,16 @@ def test_optimize_checks_the_free_space_first_and_a_failure_is_one_line(tmp_path
     with pytest.raises(ValueError, match=r"optimize stopped while writing train into .*/train \(RuntimeError: a bug in a transform\); .*incomplete"):
         Food101DataModule(**settings).optimize(str(tmp_path / "failing"))
     assert optimized.read_manifest(str(tmp_path / "failing"))["state"] == "incomplete"
+    writer_groups = {int(line) for line in groups.read_text().split()}
+    assert writer_groups and os.getpgid(0) not in writer_groups  # the writer leads a group of its own
+
+    def left() -> set[int]:
+        return (forks_of_this_process() - before) | processes_in_groups(writer_groups)
+
     deadline = time.monotonic() + 10
-    while forks_of_this_process() - before and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not forks_of_this_process() - before  # litdata's helper processes too (killed with the writer's process group)
+    assert not left()  # litdata's helper processes too (killed with the writer's process group)
 
 
 def processes_running(command: bytes) -> set[int]:
@@ -171,8 +181,36 @@ def processes_running(command: bytes) -> set[int]:
 
 
 def forks_of_this_process() -> set[int]:
-    """Processes other than this one that run its command line: its forks (optimize's workers and their helpers)."""
-    return processes_running(Path("/proc/self/cmdline").read_bytes())
+    """This process's descendants that run its command line: its forks and theirs (not those of another pytest-xdist
+    worker, which runs the same command line)."""
+    parents = {pid: fields[1] for pid in processes_running(Path("/proc/self/cmdline").read_bytes()) if (fields := _stat_fields(pid))}
+    own, found = str(os.getpid()), set()
+    for pid in parents:
+        ancestor = parents[pid]
+        while ancestor != own and int(ancestor) in parents:
+            ancestor = parents[int(ancestor)]
+        if ancestor == own:
+            found.add(pid)
+    return found
+
+
+def processes_in_groups(groups: set[int]) -> set[int]:
+    """Live processes in any of these process groups (forks orphaned when their parent was killed keep their group;
+    killed ones that nobody reaped yet are left out)."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else []
+        if fields and fields[0] != "Z" and int(fields[2]) in groups:
+            members.add(int(entry.name))
+    return members
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name: state, parent pid, process group, ... (empty once it ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
 
 
 # optimize with each image taking 1 s more: a write that is still going on a second after it started.
