@@ -24,8 +24,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 os.environ.setdefault("LIT_LORA_TESTS_PID", str(os.getpid()))
 os.environ["LIT_LORA_TESTS_CACHE"] = os.environ.get("LIT_LORA_TESTS_CACHE") or tempfile.mkdtemp(prefix="lit_lora-tests-")
 # Under pytest-xdist each worker has its own caches: its own S3 server serves the same URLs, and runs in one worker
-# must not find another's chunk-cache locks.
-os.environ["LIT_LORA_CACHE"] = os.path.join(os.environ["LIT_LORA_TESTS_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
+# must not find another's chunk-cache locks. A process that a test starts keeps its test's, even without xdist's variables.
+if "PYTEST_XDIST_WORKER" in os.environ or os.path.dirname(os.environ.get("LIT_LORA_CACHE", "")) != os.environ["LIT_LORA_TESTS_CACHE"]:
+    os.environ["LIT_LORA_CACHE"] = os.path.join(os.environ["LIT_LORA_TESTS_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
 os.environ["LITDATA_CACHE_DIR"] = os.path.join(os.environ["LIT_LORA_CACHE"], "litdata")
 
 from pathlib import Path
