@@ -170,25 +170,23 @@ def processes_running(command: bytes) -> set[int]:
     """Processes other than this one whose command line is ``command`` (``/proc/<pid>/cmdline``): a process's forks
     share its command line."""
     found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if (entry / "cmdline").read_bytes() == command:
-                    found.add(int(entry.name))
-            except OSError:  # ended meanwhile
-                pass
+    for pid in _other_pids():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == command:
+                found.add(pid)
+        except OSError:  # ended meanwhile
+            pass
     return found
 
 
 def forks_of_this_process() -> set[int]:
     """This process's descendants that run its command line: its forks and theirs (not those of another pytest-xdist
     worker, which runs the same command line)."""
-    parents = {pid: fields[1] for pid in processes_running(Path("/proc/self/cmdline").read_bytes()) if (fields := _stat_fields(pid))}
-    own, found = str(os.getpid()), set()
-    for pid in parents:
-        ancestor = parents[pid]
-        while ancestor != own and int(ancestor) in parents:
-            ancestor = parents[int(ancestor)]
+    parents = {pid: int(fields[1]) for pid in processes_running(Path("/proc/self/cmdline").read_bytes()) if (fields := _stat_fields(pid))}
+    own, found = os.getpid(), set()
+    for pid, ancestor in parents.items():
+        while ancestor != own and ancestor in parents:
+            ancestor = parents[ancestor]
         if ancestor == own:
             found.add(pid)
     return found
@@ -197,12 +195,12 @@ def forks_of_this_process() -> set[int]:
 def processes_in_groups(groups: set[int]) -> set[int]:
     """Live processes in any of these process groups (forks orphaned when their parent was killed keep their group;
     killed ones that nobody reaped yet are left out)."""
-    members = set()
-    for entry in Path("/proc").iterdir():
-        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else []
-        if fields and fields[0] != "Z" and int(fields[2]) in groups:
-            members.add(int(entry.name))
-    return members
+    return {pid for pid in _other_pids() if (fields := _stat_fields(pid)) and fields[0] != "Z" and int(fields[2]) in groups}
+
+
+def _other_pids() -> list[int]:
+    """Every process's pid but this one's (``/proc``)."""
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and int(entry.name) != os.getpid()]
 
 
 def _stat_fields(pid: int) -> list[str]:
