@@ -5,6 +5,7 @@ other logger, e.g. ``logging.basicConfig(level=logging.INFO)``."""
 from __future__ import annotations
 
 import logging
+import sys
 
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -17,10 +18,25 @@ def info(message: str) -> None:
         logger.info(message)
 
 
+class _StandardError(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when each message is written, as ``print(file=sys.stderr)`` does, not to the
+    stream it was when the handler was made: one replaced since then (``contextlib.redirect_stderr``, pytest's
+    ``capsys``) may be closed, and logging would print "--- Logging error ---" with a traceback instead of the message.
+    (The standard library's last-resort handler does the same.)"""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ sets it: always the current sys.stderr
+        pass
+
+
 def show_messages() -> None:
     """Print lit_lora's messages on standard error, as they are (the command line does this)."""
     if not any(getattr(h, "lit_lora", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StandardError()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.lit_lora = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

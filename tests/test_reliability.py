@@ -481,6 +481,25 @@ def test_optimized_training_images_smaller_than_the_crop_are_refused_before_deco
     Food101DataModule(data_dir=food101_dir, train_split="train", image_processor=tiny_vit, optimized_train_side=16)  # not optimizing: not used
 
 
+def test_the_cli_messages_go_to_standard_error_as_it_is_when_they_are_written() -> None:
+    """A command run in a process whose standard error was replaced since an earlier command (contextlib's
+    redirect_stderr, pytest's capsys, a closed stream): its lines reach the current one, not a traceback per line."""
+    import contextlib
+    import io
+
+    from lit_lora import log
+
+    first, second = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(first):
+        log.show_messages()  # as the first command run here sets up the console
+        log.info("first command")
+    first.close()
+    with contextlib.redirect_stderr(second):
+        log.show_messages()
+        log.info("second command")
+    assert second.getvalue() == "second command\n"
+
+
 def test_the_end_of_fit_summary_stays_intact_in_a_real_terminal(tmp_path: Path) -> None:
     """In a 120-column terminal (tmux), the progress bar's last frame is drawn before the summary, not over it."""
     if shutil.which("tmux") is None:
