@@ -54,3 +54,15 @@ def test_the_worker_start_benchmark_runs(class_folders_dir: str) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("round 1: first batch after ") and result.stdout.rstrip().endswith("(1 workers, spawn)")
+
+
+def test_the_worker_shutdown_benchmark_runs() -> None:
+    """benchmarks/worker_shutdown.py (spawned workers shut down mid-epoch, plain and with WorkerStart) runs and counts
+    both kinds of rounds."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/worker_shutdown.py", "--rounds=2", "--num_workers=1", "--image_size=8", "--batch_size=2", "--batches=1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["torch's plain workers", "WorkerStart"]
+    assert result.stdout.splitlines()[1] == "WorkerStart: a worker ended abnormally in 0 of 1 shutdowns"

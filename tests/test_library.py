@@ -92,6 +92,39 @@ print("ok", flush=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_a_spawned_worker_ends_after_what_it_was_still_sending(tmp_path: Path) -> None:
+    """A spawned worker ends with Python's full exit, which ends daemon threads where they stand: the queue thread that
+    was still sending a batch (torch's worker exits without waiting for it) was ended inside torch's C++ code, and the
+    worker died of SIGABRT, failing a fit stopped mid-epoch with "DataLoader worker ... is killed by signal: Aborted"
+    (seen in a CI run of the SIGTERM test with spawned workers). Here the sending outlasts the worker's own work, as it
+    does under load: what it sends arrives, and the worker ends well."""
+    script = tmp_path / "spawned_worker.py"
+    script.write_text("""
+import multiprocessing, time
+from lit_lora.workers import WorkerStart
+
+class SlowToSend:  # pickled by the queue's sending thread, after the worker's own work is done
+    def __reduce__(self):
+        time.sleep(1)
+        return (str, ("sent",))
+
+def worker(queue):
+    WorkerStart()(0)
+    queue.put(SlowToSend())
+    queue.cancel_join_thread()  # as torch's worker does: its exit does not wait for the queue
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=worker, args=(queue,))
+    process.start()
+    process.join(30)
+    print(queue.get(timeout=5), process.exitcode)
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.split() == ["sent", "0"], result.stderr[-2000:]
+
+
 class WatchSigint(pl.Callback):
     """Records the SIGINT handler in force while training runs."""
 
