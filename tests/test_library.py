@@ -94,8 +94,8 @@ print("ok", flush=True)
 
 def test_a_spawned_worker_ends_after_what_it_was_still_sending(tmp_path: Path) -> None:
     """A spawned worker ends with Python's full exit, which ends daemon threads where they stand: the queue thread that
-    was still sending a batch (torch's worker exits without waiting for it) was ended inside torch's C++ code, and the
-    worker died of SIGABRT, failing a fit stopped mid-epoch with "DataLoader worker ... is killed by signal: Aborted"
+    was still sending a batch (torch's worker exits without waiting for it) was ended mid-call, and the worker died of
+    SIGABRT, failing a fit stopped mid-epoch with "DataLoader worker ... is killed by signal: Aborted"
     (seen in a CI run of the SIGTERM test with spawned workers). Here the sending outlasts the worker's own work, as it
     does under load: what it sends arrives, and the worker ends well."""
     script = tmp_path / "spawned_worker.py"
