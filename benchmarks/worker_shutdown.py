@@ -63,13 +63,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="batches taken before the shutdown")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
-    failed = {"torch's plain workers": 0, "WorkerStart": 0}
+    names = ("torch's plain workers", "WorkerStart")
+    failed, rounds = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for round_ in range(args.rounds):
-        name = list(failed)[round_ % 2]
+        name = names[round_ % 2]
         failed[name] += shutdown_fails(WorkerStart() if name == "WorkerStart" else None, args)
-    for name, count in failed.items():
-        rounds = len(range(list(failed).index(name), args.rounds, 2))
-        print(f"{name}: a worker ended abnormally in {count} of {rounds} shutdowns")
+        rounds[name] += 1
+    for name in names:
+        print(f"{name}: a worker ended abnormally in {failed[name]} of {rounds[name]} shutdowns")
 
 
 if __name__ == "__main__":
