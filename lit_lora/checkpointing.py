@@ -151,7 +151,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         self._interrupts.on_validation_batch_end(trainer, batch_idx, dataloader_idx)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
+        if not trainer.fast_dev_run:  # Lightning 2.6 saves last.ckpt here even when fast_dev_run suppresses checkpointing
+            super().on_train_end(trainer, pl_module)
         self._interrupts.restore(signal.SIGTERM)  # before Lightning puts back the handlers it found
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -219,7 +220,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             self._release_folder()  # a failed fit in a notebook must not keep its folder from the next one
 
     def _save_on_interrupt(self, trainer: pl.Trainer, exception: BaseException) -> None:
-        if trainer.state.fn != "fit" or not self.dirpath:
+        if trainer.state.fn != "fit" or not self.dirpath or trainer.fast_dev_run:
             return
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         if isinstance(exception, KeyboardInterrupt):

@@ -386,8 +386,8 @@ def claim_run_folder(trainer: Any) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     init_args = _logger_init_args(trainer, default_only=True)
-    if rank_zero_only.rank != 0 or init_args is None or init_args.get("version") is not None:
-        return
+    if rank_zero_only.rank != 0 or init_args is None or init_args.get("version") is not None or trainer.get("fast_dev_run"):
+        return  # fast_dev_run: Lightning writes no log
     init_args.version = claim_version(init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name"))
 
 

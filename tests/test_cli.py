@@ -139,6 +139,15 @@ def test_fit_validate_test_through_the_cli(in_tmp: Path, tiny_vit: str, food101_
     assert metrics["test/acc"].item() > 0.5  # 16 official test images of 4 learnable classes
 
 
+def test_a_fast_dev_run_writes_nothing(in_tmp: Path, tiny_vit: str, food101_dir: str) -> None:
+    """Lightning's ``fast_dev_run`` "suppresses logging and checkpointing": a smoke test of a config leaves no run
+    folder, checkpoint or adapter behind (Lightning 2.6's ModelCheckpoint wrote ``checkpoints/checkpoints/last.ckpt`` at
+    the end of training anyway, and an ``adapter-last/`` followed; the CLI took an empty ``version_0``)."""
+    cli = cli_main(["fit", *common_args(tiny_vit, food101_dir), "--trainer.fast_dev_run=2"])
+    assert cli.trainer.global_step == 2
+    assert sorted(str(p.relative_to(in_tmp)) for p in in_tmp.rglob("*")) == []
+
+
 def test_checkpoint_for_other_labels_is_refused_with_the_reason(in_tmp: Path, tiny_vit: str, food101_dir: str, class_folders_dir: str) -> None:
     args = common_args(tiny_vit, food101_dir)
     cli = cli_main(["fit", *args, "--trainer.max_epochs=1"])
