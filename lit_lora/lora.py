@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -134,7 +135,9 @@ def apply_lora(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         **options,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT 0.21 calls a name transformers 5 deprecated: nothing a user can change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def trainable_summary(model: PeftModel) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -60,6 +62,15 @@ def test_recipe_targets_attention_query_value_on_each_architecture(model_type: s
     assert any("classifier" in n for n in trainable)
     logits = peft_model(pixel_values=torch.randn(2, 3, 32, 32)).logits
     assert logits.shape == (2, 3)
+
+
+def test_applying_lora_says_nothing_a_user_cannot_act_on() -> None:
+    """PEFT 0.21 reads a property that transformers 5 deprecated: every model built warned about it in the user's
+    script (the command line hides it)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(tiny_model("vit"), **RECIPE)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
 
 
 def test_unknown_target_fails_listing_the_models_linear_layers() -> None:
