@@ -607,7 +607,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         The loader takes this copy when it starts iterating without Lightning having given it its own. Also which
         images fit trains and validates on (`load_state_dict` compares them)."""
         loader = {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-        return {**loader, "fit_images": self._fit_images()}
+        split = self.optimized_manifest().get("split") if self.optimized_dir and self.train_table is not None else self._split_settings()
+        return {**loader, "fit_images": self._fit_images(), "split": split}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep a checkpoint's training-loader position for the resumed fit's training loader (`state_dict`).
@@ -618,7 +619,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """
         self._saved_train_state = state.get("train_loader")
         saved = state.get("fit_images")
-        ours = self._fit_images() if saved and self.trainer is not None and self.trainer.state.fn == "fit" else None
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        if saved and stage in ("validate", "test"):
+            self._warn_if_trained_on(saved, state.get("split"), stage)
+        ours = self._fit_images() if saved and stage == "fit" else None
         changed = [name for split, name in (("train", "training"), ("val", "validation")) if ours and saved.get(split) != ours.get(split)]
         if changed:
             weights = Path(self.trainer.ckpt_path).parent / "adapter-last" if self.trainer.ckpt_path else "<its run folder>/adapter-last"
@@ -628,6 +632,47 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 "checkpoint would mix two splits, and a new validation share may hold images it trained on. Resume with the data "
                 f"settings in that run's config.yaml, or start a new fit from its weights with --ckpt_path {weights}."
             )
+
+    def _warn_if_trained_on(self, saved: dict[str, str], split: dict[str, Any] | None, stage: str) -> None:
+        """Warn when a checkpoint is evaluated on images it was trained on: a validation share drawn with other split
+        settings than its fit's, or a ``test_split`` set to training images. ``saved``: the checkpoint's `_fit_images`;
+        ``split``: its fit's `_split_settings` (None in checkpoints of lit_lora 0.x)."""
+        metric, table = ("val/acc", self.val_table) if stage == "validate" else ("test/acc", self.test_table)
+        config = Path(self.trainer.ckpt_path).parent / "config.yaml" if self.trainer.ckpt_path else None
+        settings_of_fit = f"--config {config}" if config is not None and config.is_file() else "its run folder's config.yaml"
+        if stage == "validate" and saved.get("val") == (self._fit_images() or {}).get("val"):
+            return  # the images its fit validated on
+        if stage == "test" and not self.test_split:
+            return  # the source's own test split
+        trained = self._trained_files(split) if isinstance(table, ImageTable) and split else None
+        if trained is None or optimized.images_digest(trained, self.data_dir) != saved.get("train"):
+            if stage == "validate":  # not known which: other data, a changed source, or an older checkpoint
+                rank_zero_warn(
+                    "this checkpoint's fit validated on other images than this run's validation share (data settings or images "
+                    f"differ): some of them may be images it trained on, which would make {metric} no held-out score. Validate "
+                    f"with the fit's data settings ({settings_of_fit}) to reproduce its score."
+                )
+            return
+        ours = optimized.image_names(table, self.data_dir)
+        overlap = len(set(ours) & set(optimized.image_names(trained, self.data_dir)))
+        if overlap:
+            settings = ", ".join(f"{key}={value!r}" for key, value in split.items() if value is not None)
+            rank_zero_warn(
+                f"this checkpoint was trained on {overlap} of these {len(ours)} {'validation' if stage == 'validate' else 'test'} "
+                f"images (its fit: {settings}): {metric} is no held-out score. Evaluate with the fit's data settings "
+                f"({settings_of_fit}), or on images it did not train on."
+            )
+
+    def _trained_files(self, split: dict[str, Any]) -> ImageTable | None:
+        """The training images that a fit with these `_split_settings` selected from this source; None where they
+        cannot be selected here (the source lacks that split)."""
+        try:
+            selected = self._require_source().select(split["train_split"])
+        except (ValueError, KeyError):
+            return None
+        if split.get("val_split") is not None:
+            return selected
+        return selected.subset(stratified_split(selected.labels, split["val_size"], split["seed"])[0])
 
 
 class Food101DataModule(ImageClassificationDataModule):

@@ -179,13 +179,19 @@ def table_fingerprint(table: ImageTable) -> str:
     return digest.hexdigest()
 
 
+def image_names(table: ImageTable, root: str | None) -> list[str]:
+    """The table's images, named independently of where the files are: paths relative to ``root``, the data folder;
+    `datasets` rows as ``split[row]``."""
+    relative = bool(root) and isinstance(table, FileTable)
+    return [os.path.relpath(table.describe(row), root) if relative else table.describe(row) for row in range(len(table))]
+
+
 def images_digest(table: ImageTable, root: str | None) -> str:
-    """A digest of the table's images and labels, in order, that does not depend on where the files are (what a
-    resumed fit compares): file paths relative to ``root``, the data folder; `datasets` rows as ``split[row]``."""
+    """A digest of the table's images (`image_names`) and labels, in order, that does not depend on where the files are
+    (what a resumed fit compares)."""
     digest = hashlib.sha1()
-    for row, label in enumerate(table.labels):
-        name = table.describe(row)
-        digest.update(f"{os.path.relpath(name, root) if root and isinstance(table, FileTable) else name}\t{label}\n".encode())
+    for name, label in zip(image_names(table, root), table.labels):
+        digest.update(f"{name}\t{label}\n".encode())
     return digest.hexdigest()[:24]
 
 

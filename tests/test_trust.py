@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -356,6 +357,48 @@ def test_validate_test_and_predict_leave_the_training_run_untouched(trained: Pat
     assert (trained / "validate" / "config.yaml").is_file() and (trained / "validate" / "validate_report" / "metrics.json").is_file()
     assert (trained / "test" / "test_report" / "per_class.csv").is_file() and (trained / "predict" / "predictions.csv").is_file()
     assert sorted(p.name for p in trained.parent.iterdir()) == ["version_0"]  # no new version folder
+
+
+def test_evaluating_a_checkpoint_on_images_it_trained_on_says_how_many(
+    trained: Path, tiny_vit: str, food101_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``validate`` with another seed or ``val_size`` than the fit's draws a validation share that holds images the
+    checkpoint trained on, and ``test_split`` can name training images: the score is then no held-out score, and a
+    warning says how many such images there are and where the fit's settings are. (Before: silent.)"""
+    monkeypatch.chdir(trained.parents[2])
+    args = [*common_args(tiny_vit, food101_dir), f"--ckpt_path={trained / 'last.ckpt'}"]
+
+    def warned(*extra: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli_main([*extra[:1], *args, *extra[1:]])
+        return [str(w.message) for w in caught if "held-out" in str(w.message)]
+
+    def files(seed: int, val_size: float = 0.25) -> tuple[set[str], set[str]]:
+        data = Food101DataModule(data_dir=food101_dir, train_split="train", val_size=val_size, seed=seed, num_workers=0, image_processor=tiny_vit)
+        data.setup("fit")
+        return set(data.train_table.paths), set(data.val_table.paths)
+
+    trained_on = files(42)[0]  # the fit's split (common_args: the data module's default seed)
+    assert warned("validate") == [] and warned("test") == []  # the fit's own validation share; the official test split
+    for extra, evaluated, kind in (
+        (["--data.seed=7"], files(7)[1], "validation"),
+        (["--data.val_size=0.5"], files(42, 0.5)[1], "validation"),
+        (["--data.test_split=train"], trained_on | files(42)[1], "test"),
+    ):
+        said = warned("test" if kind == "test" else "validate", *extra)
+        overlap = len(evaluated & trained_on)
+        assert overlap > 0 and said == [said[0]], (extra, said)
+        assert f"trained on {overlap} of these {len(evaluated)} {kind} images (its fit: train_split='train', val_size=0.25, seed=42)" in said[0]
+        assert f"--config {trained / 'config.yaml'}" in said[0]
+
+    # A checkpoint that does not say how its fit split the images (lit_lora 0.x): that they may overlap.
+    checkpoint = torch.load(trained / "last.ckpt", weights_only=False)
+    checkpoint["Food101DataModule"].pop("split")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    args[-1] = f"--ckpt_path={tmp_path / 'old.ckpt'}"
+    said = warned("validate", "--data.seed=7")
+    assert len(said) == 1 and "some of them may be images it trained on" in said[0]
 
 
 @pytest.mark.slow  # 31 s; the default run resumes after SIGTERM in test_checkpoints.py and test_streaming.py
