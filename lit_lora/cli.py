@@ -25,7 +25,7 @@ from lit_lora.model import LoRAImageClassifier
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.optimized import is_url as optimized_is_url
 from lit_lora.predictions import PredictionWriter
-from lit_lora.runs import ResumedLogs, claim_version
+from lit_lora.runs import ResumedLogs, claim_version, remove_unused_run_folder
 from lit_lora.schedules import scheduler_problems
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -56,6 +56,16 @@ class LitLoRACLI(LightningCLI):
     - Ctrl-C during ``fit`` stops after the current batch and saves ``last.ckpt`` (``checkpoint.stop_on_interrupt``);
     - ``--ckpt_path`` may also be a PEFT adapter folder written by ``fit`` or ``export``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.claimed_run: Path | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or trainer.fit_loop.epoch_loop.batch_progress.total.started == 0:
+                remove_unused_run_folder(self.claimed_run)  # a fit that failed before training: its version_N is free again
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
@@ -120,7 +130,7 @@ class LitLoRACLI(LightningCLI):
             if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
                 self.resumed_logs = continue_in_run_folder(config, Path(ckpt_path))
         if subcommand == "fit" and not ckpt_path:
-            claim_run_folder(config.trainer)
+            self.claimed_run = claim_run_folder(config.trainer)
         # predict needs no labelled data: take the labels from the checkpoint. validate/test compare them with the
         # data's (a different label set is refused, naming both) instead of loading weights of the wrong shape.
         if class_names and not config.data.get("class_names") and (subcommand == "predict" or self.adapter_folder):
@@ -380,15 +390,17 @@ def output_folders(subcommand: str, config: Any) -> list[tuple[str, Any]]:
     return folders + building
 
 
-def claim_run_folder(trainer: Any) -> None:
+def claim_run_folder(trainer: Any) -> Path | None:
     """A new fit takes the next ``version_N`` of the default logger atomically (two fits started together never
-    share one), on the launching process only (under DDP the others are told the folder by Lightning)."""
+    share one), on the launching process only (under DDP the others are told the folder by Lightning); returns it."""
     from lightning.pytorch.utilities import rank_zero_only
 
     init_args = _logger_init_args(trainer, default_only=True)
     if rank_zero_only.rank != 0 or init_args is None or init_args.get("version") is not None or trainer.get("fast_dev_run"):
-        return  # fast_dev_run: Lightning writes no log
-    init_args.version = claim_version(init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name"))
+        return None  # fast_dev_run: Lightning writes no log
+    save_dir, name = init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name")
+    init_args.version = claim_version(save_dir, name)
+    return Path(save_dir) / (name or "") / f"version_{init_args.version}"
 
 
 def continue_in_run_folder(config: Any, ckpt_path: Path) -> ResumedLogs | None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -58,6 +59,22 @@ def claim_version(save_dir: str | os.PathLike, name: str | None) -> int:
             return version
         except FileExistsError:
             version += 1
+
+
+def remove_unused_run_folder(folder: Path | None) -> None:
+    """Remove the version folder that `claim_version` made for a fit that failed before training a batch, when it holds
+    only what a fit writes as it starts (config, hyperparameters, logs without rows, the lock): the next fit takes its
+    number again, so ``version_0`` is the first fit that trained."""
+    if folder is None or not folder.is_dir():
+        return
+    files = list(folder.iterdir())
+    started = {"config.yaml", "hparams.yaml", "metrics.csv", LOCK_NAME}
+    if any(not p.is_file() or not (p.name in started or p.name.startswith("events.out.tfevents.")) for p in files):
+        return
+    for path in files:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something written meanwhile: keep it
+        folder.rmdir()
 
 
 def sign_lock(fd: int) -> None:

@@ -148,6 +148,20 @@ def test_a_fast_dev_run_writes_nothing(in_tmp: Path, tiny_vit: str, food101_dir:
     assert sorted(str(p.relative_to(in_tmp)) for p in in_tmp.rglob("*")) == []
 
 
+def test_a_fit_that_fails_before_training_leaves_its_version_number_free(in_tmp: Path, tiny_vit: str, food101_dir: str) -> None:
+    """The CLI takes ``version_N`` before anything is built; a fit stopped by its data before the first batch gave it
+    back (it left an empty folder, or one with only its start-up files, and the next fit became ``version_1``, where
+    the README's commands say ``version_0``). A fit that failed while training keeps its folder and logs."""
+    args = common_args(tiny_vit, food101_dir)
+    with pytest.raises(ValueError, match="leaves an empty train or validation set"):
+        cli_main(["fit", *args, "--data.val_size=0.01"])
+    runs = in_tmp / "checkpoints" / "run"
+    assert list(runs.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug in the user's code"):
+        cli_main(["fit", *args, "--trainer.callbacks+=test_library.FailAfterBatch"])
+    assert [p.name for p in runs.iterdir()] == ["version_0"] and (runs / "version_0" / "config.yaml").is_file()
+
+
 def test_checkpoint_for_other_labels_is_refused_with_the_reason(in_tmp: Path, tiny_vit: str, food101_dir: str, class_folders_dir: str) -> None:
     args = common_args(tiny_vit, food101_dir)
     cli = cli_main(["fit", *args, "--trainer.max_epochs=1"])
