@@ -117,7 +117,7 @@ class AdapterCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Only a resumed fit carries on the best-model bookkeeping; validate/test/predict write no checkpoint.
         if self._stage in (None, "fit"):
-            super().load_state_dict(state_dict)
+            super().load_state_dict(_moved_with_its_files(state_dict, self.dirpath))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -264,6 +264,27 @@ class AdapterCheckpoint(ModelCheckpoint):
         self.last_model_path = path
         trainer.save_checkpoint(path, weights_only=False)
         log.info(f"[lit_lora] reading the data failed at step {trainer.global_step} (epoch {trainer.current_epoch}); saved {path}. {resume}")
+
+
+def _moved_with_its_files(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """``ModelCheckpoint`` state saved in a run folder that has since moved to ``dirpath`` with its checkpoints (copied
+    from a bucket, resumed on a node that mounts it elsewhere): its paths put under ``dirpath``. As saved, Lightning
+    drops the best score and the last checkpoint's path when the folder's path changed (with a warning the CLI hides,
+    as it warns about any resumed run): every resumed epoch became "best", replacing ``adapter/`` with worse weights,
+    and ``last-v1.ckpt`` was written beside ``last.ckpt``, so resuming from ``last.ckpt`` again went back. State whose
+    files are not in ``dirpath`` (a resume into another folder) is left to Lightning."""
+    old = state.get("dirpath")
+    if not old or not dirpath or os.path.abspath(old) == os.path.abspath(dirpath):
+        return state
+
+    def moved(path: Any) -> Any:
+        return os.path.join(dirpath, os.path.basename(path)) if path and os.path.dirname(os.path.abspath(path)) == os.path.abspath(old) else path
+
+    saved = [path for path in (state.get("best_model_path"), state.get("last_model_path")) if path]
+    if not saved or not all(os.path.isfile(moved(path)) for path in saved):
+        return state
+    paths = {key: moved(state.get(key)) for key in ("best_model_path", "last_model_path", "kth_best_model_path")}
+    return {**state, **paths, "dirpath": dirpath, "best_k_models": {moved(path): score for path, score in (state.get("best_k_models") or {}).items()}}
 
 
 def _saved_step(path: str) -> Any:

@@ -16,6 +16,7 @@ import fcntl
 import os
 import re
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,9 @@ class ResumedLogs:
         for logger in trainer.loggers:
             if not isinstance(logger, CSVLogger) or Path(logger.log_dir).resolve() != self.run or not self.rows:
                 continue
-            writer = logger.experiment  # opening it removes the old metrics.csv
+            with warnings.catch_warnings():  # "Previous log files ... will be deleted": not these rows, written back here
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+                writer = logger.experiment  # opening it removes the old metrics.csv
             if not isinstance(getattr(writer, "metrics_file_path", None), str):  # not process 0 (a no-op stand-in)
                 continue
 

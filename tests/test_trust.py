@@ -7,6 +7,7 @@ import contextlib
 import csv
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,6 +343,28 @@ def test_two_fits_never_share_a_folder(tmp_path: Path, tiny_vit: str, food101_di
         cli_main(["fit", *common_args(tiny_vit, food101_dir), f"--checkpoint.dirpath={tmp_path / 'busy'}", "--trainer.max_epochs=1"])
     held.release()
     assert not list((tmp_path / "busy").glob("*.ckpt"))
+
+
+def test_a_run_folder_resumed_where_it_was_copied_keeps_its_best_and_its_last(trained: Path, tmp_path: Path, tiny_vit: str, food101_dir: str) -> None:
+    """A run folder copied elsewhere (from a bucket, to a node that mounts it at another path) and resumed there goes
+    on as it would have in place: one best checkpoint, the best score of all epochs, ``last.ckpt`` rewritten. Lightning
+    reset both when the folder's path changed: the first resumed epoch became "best" (``adapter/`` replaced by it
+    however it scored), and ``last-v1.ckpt`` was written, so a later resume from ``last.ckpt`` went back an epoch."""
+    copy = tmp_path / "elsewhere" / "run" / "version_0"
+    shutil.copytree(trained, copy)
+    original = files_of(trained)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main(["fit", *common_args(tiny_vit, food101_dir), "--trainer.max_epochs=3", f"--ckpt_path={copy / 'last.ckpt'}"])
+    assert cli.trainer.current_epoch == 3
+    kept = sorted(p.name for p in copy.glob("*.ckpt"))
+    assert len(kept) == 2 and kept[-1] == "last.ckpt" and kept[0].startswith("epoch="), kept
+    scores = [float(row["val/acc"]) for row in csv.DictReader((copy / "metrics.csv").open()) if row.get("val/acc")]
+    assert len(scores) == 3 and float(cli.trainer.checkpoint_callback.best_model_score) == max(scores)
+    assert Path(cli.trainer.checkpoint_callback.best_model_path) == copy / kept[0]
+    assert torch.load(copy / "last.ckpt", weights_only=False)["global_step"] == cli.trainer.global_step  # the resumed run's end
+    assert not [w for w in caught if "will be deleted" in str(w.message) or "dirpath has changed" in str(w.message)]  # rows kept
+    assert files_of(trained) == original
 
 
 def test_validate_test_and_predict_leave_the_training_run_untouched(trained: Path, tiny_vit: str, food101_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
