@@ -34,7 +34,6 @@ LIBRARY_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning on torch's pytree
     r"No seed found.*",  # LightningCLI's seed_everything: the resolved seed is in config.yaml
     r"Found keys that are in the model state dict but not in the checkpoint.*",  # the frozen base, by design
-    r"The dirpath has changed.*",
     r"Your `IterableDataset` has `__len__` defined.*",  # Lightning on litdata's datasets, which shard per worker themselves
     r"Couldn't infer the batch indices fetched from your dataloader.*",  # litdata's loader: PredictionWriter reads each batch's index
     READ_ONLY_CHUNK_WARNING,
