@@ -274,7 +274,7 @@ def _moved_with_its_files(state: dict[str, Any], dirpath: str | None) -> dict[st
     and ``last-v1.ckpt`` was written beside ``last.ckpt``, so resuming from ``last.ckpt`` again went back. State whose
     files are not in ``dirpath`` (a resume into another folder) is left to Lightning."""
     old = state.get("dirpath")
-    if not old or not dirpath or os.path.abspath(old) == os.path.abspath(dirpath):
+    if not old or not dirpath or old == dirpath:  # as Lightning compares them
         return state
 
     def moved(path: Any) -> Any:
