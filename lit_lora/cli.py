@@ -86,7 +86,8 @@ class LitLoRACLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        problems = preflight_problems(subcommand, config)
+        unnamed = resolve_checkpoint_name(subcommand, config)
+        problems = ([unnamed] if unnamed else []) + preflight_problems(subcommand, config)
         if problems:
             raise ValueError(
                 f"{len(problems)} problem(s) in the configuration, found before loading anything:\n"
@@ -401,6 +402,41 @@ def claim_run_folder(trainer: Any) -> Path | None:
     save_dir, name = init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name")
     init_args.version = claim_version(save_dir, name)
     return Path(save_dir) / (name or "") / f"version_{init_args.version}"
+
+
+def resolve_checkpoint_name(subcommand: str, config: Any) -> str | None:
+    """Make Lightning's ``--ckpt_path last`` and ``best`` name the last and the best checkpoint of the newest run of this
+    config's logger that has a ``last.ckpt``: Lightning looks in the new run's folder, where lit_lora's per-run
+    ``version_N`` never holds one, so a job requeued with ``fit --ckpt_path last`` started over every time. With no
+    such run, ``fit --ckpt_path last`` starts a new one (as Lightning does); otherwise the problem is returned."""
+    name = config.get("ckpt_path")
+    init_args = _logger_init_args(config.trainer, default_only=True)
+    if name not in ("last", "best") or init_args is None or config.checkpoint.get("dirpath") or init_args.get("version") is not None:
+        return None  # another logger or folder: Lightning's own meaning
+    runs = Path(init_args.get("save_dir") or config.trainer.get("default_root_dir")) / (init_args.get("name") or "")
+    numbered = [(int(p.name.split("_")[1]), p) for p in runs.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+    newest = next((run / "last.ckpt" for _, run in sorted(numbered, reverse=True) if (run / "last.ckpt").is_file()), None)
+    if newest is not None and name == "best":
+        newest = _best_beside(newest)
+    if newest is None and subcommand == "fit" and name == "last":
+        log.info(f"[lit_lora] ckpt_path last: no run under {runs} has a last.ckpt yet; starting one")
+        config.ckpt_path = None
+        return None
+    if newest is None:
+        return f"ckpt_path {name!r}: no run under {runs} has a {'last.ckpt' if name == 'last' else 'best checkpoint'}; pass a checkpoint file or an adapter folder"
+    log.info(f"[lit_lora] ckpt_path {name}: {newest}")
+    config.ckpt_path = str(newest)
+    return None
+
+
+def _best_beside(last: Path) -> Path | None:
+    """The best checkpoint of the run whose ``last.ckpt`` this is, as its checkpoint callback recorded it."""
+    try:
+        states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {}).values()
+    except Exception:  # unreadable: there is no best to name (a file passed as ckpt_path is checked in one line)
+        return None
+    best = next((state["best_model_path"] for state in states if isinstance(state, dict) and state.get("best_model_path")), None)
+    return last.parent / Path(best).name if best and (last.parent / Path(best).name).is_file() else None
 
 
 def continue_in_run_folder(config: Any, ckpt_path: Path) -> ResumedLogs | None:

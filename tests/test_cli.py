@@ -162,6 +162,26 @@ def test_a_fit_that_fails_before_training_leaves_its_version_number_free(in_tmp:
     assert [p.name for p in runs.iterdir()] == ["version_0"] and (runs / "version_0" / "config.yaml").is_file()
 
 
+def test_ckpt_path_last_and_best_name_the_newest_runs_checkpoints(in_tmp: Path, tiny_vit: str, food101_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's ``ckpt_path="last"`` looks in the new run's folder, which lit_lora makes for every fit: a job requeued
+    with ``fit --ckpt_path last`` trained from scratch in a new version_N each time. It names the newest run's
+    ``last.ckpt`` (its best checkpoint for ``best``); with no run yet, fit starts one."""
+    caplog.set_level("INFO")
+    args = common_args(tiny_vit, food101_dir)
+    with pytest.raises(ValueError, match=r"ckpt_path 'last': no run under checkpoints/run has a last.ckpt"):
+        cli_main(["test", *args, "--ckpt_path=last"])
+    cli_main(["fit", *args, "--trainer.max_epochs=1", "--ckpt_path=last"])  # the first submission of the job
+    runs = in_tmp / "checkpoints" / "run"
+    assert [p.name for p in runs.iterdir()] == ["version_0"] and "starting one" in caplog.text
+    resumed = cli_main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"])  # requeued after its first epoch
+    assert [p.name for p in runs.iterdir()] == ["version_0"] and resumed.trainer.current_epoch == 2
+    assert len([r for r in read_metrics(runs / "version_0" / "metrics.csv") if r.get("val/acc")]) == 2  # epoch 0 kept, 1 added
+    best = Path(resumed.trainer.checkpoint_callback.best_model_path)
+    validated = cli_main(["validate", *args, "--ckpt_path=best"])
+    assert f"[lit_lora] ckpt_path best: {Path('checkpoints/run/version_0') / best.name}" in caplog.text
+    assert validated.trainer.callback_metrics["val/acc"].item() == pytest.approx(float(resumed.trainer.checkpoint_callback.best_model_score), abs=1e-6)
+
+
 def test_checkpoint_for_other_labels_is_refused_with_the_reason(in_tmp: Path, tiny_vit: str, food101_dir: str, class_folders_dir: str) -> None:
     args = common_args(tiny_vit, food101_dir)
     cli = cli_main(["fit", *args, "--trainer.max_epochs=1"])
