@@ -269,10 +269,10 @@ class AdapterCheckpoint(ModelCheckpoint):
 def _moved_with_its_files(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
     """``ModelCheckpoint`` state saved in a run folder that has since moved to ``dirpath`` with its checkpoints (copied
     from a bucket, resumed on a node that mounts it elsewhere): its paths put under ``dirpath``. As saved, Lightning
-    drops the best score and the last checkpoint's path when the folder's path changed (with a warning the CLI hides,
-    as it warns about any resumed run): every resumed epoch became "best", replacing ``adapter/`` with worse weights,
-    and ``last-v1.ckpt`` was written beside ``last.ckpt``, so resuming from ``last.ckpt`` again went back. State whose
-    files are not in ``dirpath`` (a resume into another folder) is left to Lightning."""
+    drops the best score and the last checkpoint's path when the folder's path changed: the first resumed epoch became
+    "best" however it scored, replacing ``adapter/``, and ``last-v1.ckpt`` was written beside ``last.ckpt``, so resuming
+    from ``last.ckpt`` again went back. State whose files are not in ``dirpath`` (a resume into another folder) is left
+    to Lightning, which says so."""
     old = state.get("dirpath")
     if not old or not dirpath or old == dirpath:  # as Lightning compares them
         return state
