@@ -25,7 +25,7 @@ from lit_lora.model import LoRAImageClassifier
 from lit_lora.monitoring import EvaluationReport, LearningRateLogger, RunSummary, SkippedImagesReport, ThroughputLogger
 from lit_lora.optimized import is_url as optimized_is_url
 from lit_lora.predictions import PredictionWriter
-from lit_lora.runs import ResumedLogs, claim_version, remove_unused_run_folder
+from lit_lora.runs import ResumedLogs, claim_version, remove_unused_run_folder, run_versions
 from lit_lora.schedules import scheduler_problems
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -399,9 +399,14 @@ def claim_run_folder(trainer: Any) -> Path | None:
     init_args = _logger_init_args(trainer, default_only=True)
     if rank_zero_only.rank != 0 or init_args is None or init_args.get("version") is not None or trainer.get("fast_dev_run"):
         return None  # fast_dev_run: Lightning writes no log
-    save_dir, name = init_args.get("save_dir") or trainer.get("default_root_dir"), init_args.get("name")
-    init_args.version = claim_version(save_dir, name)
-    return Path(save_dir) / (name or "") / f"version_{init_args.version}"
+    root = _runs_root(init_args, trainer)
+    init_args.version = claim_version(root.parent, root.name)
+    return root / f"version_{init_args.version}"
+
+
+def _runs_root(init_args: Any, trainer: Any) -> Path:
+    """``<save_dir>/<name>`` of the default logger: where each fit's ``version_N`` is."""
+    return Path(init_args.get("save_dir") or trainer.get("default_root_dir")) / (init_args.get("name") or "")
 
 
 def resolve_checkpoint_name(subcommand: str, config: Any) -> str | None:
@@ -413,9 +418,9 @@ def resolve_checkpoint_name(subcommand: str, config: Any) -> str | None:
     init_args = _logger_init_args(config.trainer, default_only=True)
     if name not in ("last", "best") or init_args is None or config.checkpoint.get("dirpath") or init_args.get("version") is not None:
         return None  # another logger or folder: Lightning's own meaning
-    runs = Path(init_args.get("save_dir") or config.trainer.get("default_root_dir")) / (init_args.get("name") or "")
-    numbered = [(int(p.name.split("_")[1]), p) for p in runs.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
-    newest = next((run / "last.ckpt" for _, run in sorted(numbered, reverse=True) if (run / "last.ckpt").is_file()), None)
+    runs = _runs_root(init_args, config.trainer)
+    versions = run_versions(runs)
+    newest = next((versions[n] / "last.ckpt" for n in sorted(versions, reverse=True) if (versions[n] / "last.ckpt").is_file()), None)
     if newest is not None and name == "best":
         newest = _best_beside(newest)
     if newest is None and subcommand == "fit" and name == "last":

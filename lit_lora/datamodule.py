@@ -637,13 +637,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """Warn when a checkpoint is evaluated on images it was trained on: a validation share drawn with other split
         settings than its fit's, or a ``test_split`` set to training images. ``saved``: the checkpoint's `_fit_images`;
         ``split``: its fit's `_split_settings` (None in checkpoints of lit_lora 0.x)."""
-        metric, table = ("val/acc", self.val_table) if stage == "validate" else ("test/acc", self.test_table)
-        config = Path(self.trainer.ckpt_path).parent / "config.yaml" if self.trainer.ckpt_path else None
-        settings_of_fit = f"--config {config}" if config is not None and config.is_file() else "its run folder's config.yaml"
         if stage == "validate" and saved.get("val") == (self._fit_images() or {}).get("val"):
             return  # the images its fit validated on
         if stage == "test" and not self.test_split:
             return  # the source's own test split
+        metric, table = ("val/acc", self.val_table) if stage == "validate" else ("test/acc", self.test_table)
+        config = Path(self.trainer.ckpt_path).parent / "config.yaml" if self.trainer.ckpt_path else None
+        settings_of_fit = f"--config {config}" if config is not None and config.is_file() else "its run folder's config.yaml"
         trained = self._trained_files(split) if isinstance(table, ImageTable) and split else None
         if trained is None or optimized.images_digest(trained, self.data_dir) != saved.get("train"):
             if stage == "validate":  # not known which: other data, a changed source, or an older checkpoint

@@ -47,13 +47,19 @@ def use_atomic_checkpoints(trainer: Any) -> None:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
+def run_versions(root: Path) -> dict[int, Path]:
+    """The ``version_N`` folders under ``root`` (a logger's ``<save_dir>/<name>``), by N."""
+    if not root.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))}
+
+
 def claim_version(save_dir: str | os.PathLike, name: str | None) -> int:
     """Create the next free ``version_N`` under ``save_dir/name`` and return N. ``mkdir`` fails for all but one of
     several processes asking for the same N, so concurrent runs never share a version folder."""
     root = Path(save_dir) / (name or "")
     root.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = max(taken, default=-1) + 1
+    version = max(run_versions(root), default=-1) + 1
     while True:
         try:
             (root / f"version_{version}").mkdir()
